@@ -1,0 +1,1 @@
+"""Datasets: Square, the shapes world, tfds datasets and image folders."""

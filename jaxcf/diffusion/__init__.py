@@ -1,0 +1,18 @@
+"""The shared diffusion core: noise schedules and DDIM inversion / sampling / guidance."""
+
+from jaxcf.diffusion.ddim import (
+    ddim_invert,
+    ddim_sample,
+    ddim_step,
+    eps_from_v,
+    guidance_gradient,
+    guided_denoise,
+    guided_eps,
+    predict_x0,
+)
+from jaxcf.diffusion.schedules import SCHEDULES, NoiseSchedule, ddim_timesteps, grid_alphas, make_schedule
+
+__all__ = [
+    "SCHEDULES", "NoiseSchedule", "ddim_invert", "ddim_sample", "ddim_step", "ddim_timesteps", "eps_from_v",
+    "grid_alphas", "guidance_gradient", "guided_denoise", "guided_eps", "make_schedule", "predict_x0",
+]

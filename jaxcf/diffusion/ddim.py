@@ -1,0 +1,228 @@
+"""Deterministic DDIM: one step function used by inversion (abduction), sampling and guidance.
+
+Every function works on arrays of any shape (pixels or latents, NHWC) and takes the noise model
+as ``eps_fn(x_t, t, cond) -> eps`` with ``t`` an int32 ``[B]`` array of training timesteps and
+``cond`` any pytree (None, a semantic code, text states, ...). A model that predicts ``v``
+instead of ``eps`` is wrapped with :func:`eps_from_v`.
+
+Loops are one ``jax.lax.scan``; ``debug=True`` runs the same step body in a Python loop (for
+printing or breakpoints). Step counts and depths are static Python values: close over them or
+mark them static when jitting.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcf.diffusion.schedules import NoiseSchedule, ddim_timesteps, grid_alphas
+
+EpsFn = Callable[[jnp.ndarray, jnp.ndarray, Any], jnp.ndarray]
+# log p(y | x) for a batch: (x [B, ...], t [B], y [B]) -> [B]
+LogProbFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
+GUIDE_ON = ("x0", "xt")
+
+
+def _bcast(a, x):
+    """Reshapes a scalar or a per-example [B] array to broadcast against x [B, ...]."""
+    a = jnp.asarray(a, jnp.float32)
+    return a.reshape(a.shape + (1,) * (x.ndim - a.ndim)) if a.ndim else a
+
+
+def predict_x0(x_t, eps, abar_t):
+    """x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+    abar_t = _bcast(abar_t, x_t)
+    return (x_t - jnp.sqrt(1.0 - abar_t) * eps) / jnp.sqrt(abar_t)
+
+
+def eps_from_v(model_fn: EpsFn, schedule: NoiseSchedule) -> EpsFn:
+    """Turns a v-prediction model (Stable Diffusion 2 "v_prediction") into an eps model."""
+
+    def eps_fn(x_t, t, cond):
+        v = model_fn(x_t, t, cond)
+        abar = _bcast(schedule.alphas_cumprod[t], x_t)
+        return jnp.sqrt(abar) * v + jnp.sqrt(1.0 - abar) * x_t
+
+    return eps_fn
+
+
+def ddim_step(x_t, eps, abar_t, abar_s, *, eta: float = 0.0, key: Optional[jax.Array] = None):
+    """One DDIM update from noise level abar_t to abar_s (s < t samples, s > t inverts).
+
+    x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps + sigma z, with
+    sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s) and z ~ N(0, I) drawn
+    from ``key``. eta = 0 is deterministic; eta > 0 needs a key and only makes sense when sampling.
+    """
+    x_dtype = x_t.dtype
+    x_t = x_t.astype(jnp.float32)
+    eps = eps.astype(jnp.float32)
+    x0 = predict_x0(x_t, eps, abar_t)
+    abar_t = _bcast(abar_t, x_t)
+    abar_s = _bcast(abar_s, x_t)
+    if isinstance(eta, (int, float)) and eta == 0:
+        x_s = jnp.sqrt(abar_s) * x0 + jnp.sqrt(1.0 - abar_s) * eps
+    else:
+        if key is None:
+            raise ValueError("ddim_step: eta > 0 adds noise and needs an explicit PRNG `key`")
+        var = (1.0 - abar_s) / (1.0 - abar_t) * (1.0 - abar_t / abar_s)
+        sigma = eta * jnp.sqrt(jnp.clip(var, 0.0, None))
+        direction = jnp.sqrt(jnp.clip(1.0 - abar_s - sigma**2, 0.0, None))
+        x_s = jnp.sqrt(abar_s) * x0 + direction * eps + sigma * jax.random.normal(key, x_t.shape)
+    return x_s.astype(x_dtype)
+
+
+def _loop(body, carry, xs, debug: bool):
+    """lax.scan(body, carry, xs), or the same body in a Python loop when debugging."""
+    if not debug:
+        return jax.lax.scan(body, carry, xs)
+    n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+    ys = []
+    for i in range(n):
+        carry, y = body(carry, jax.tree_util.tree_map(lambda a: a[i], xs))
+        ys.append(y)
+    return carry, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ys)
+
+
+def _times(x, t):
+    return jnp.full((x.shape[0],), t, jnp.int32)
+
+
+def ddim_invert(
+    eps_fn: EpsFn,
+    x0: jnp.ndarray,
+    cond: Any,
+    schedule: NoiseSchedule,
+    num_steps: int,
+    depth: float = 1.0,
+    *,
+    debug: bool = False,
+    return_trajectory: bool = False,
+):
+    """Abduction: runs DDIM from the clean x0 [B, ...] up to noise level ``depth * T``.
+
+    Each step evaluates eps at the current (less noisy) point and moves to the next grid level.
+    Returns x_{t0} (and the [num_steps + 1, B, ...] trajectory when asked).
+    """
+    ts = ddim_timesteps(num_steps, schedule.num_train_timesteps, depth)
+    a = grid_alphas(schedule, ts)
+    xs = (jnp.asarray(ts[:-1]), a[:-1], a[1:])
+
+    def body(x, step):
+        t, a_t, a_s = step
+        x_next = ddim_step(x, eps_fn(x, _times(x, t), cond), a_t, a_s)
+        return x_next, x_next
+
+    x_T, traj = _loop(body, x0, xs, debug)
+    if return_trajectory:
+        return x_T, jnp.concatenate([x0[None], traj])
+    return x_T
+
+
+def ddim_sample(
+    eps_fn: EpsFn,
+    x_T: jnp.ndarray,
+    cond: Any,
+    schedule: NoiseSchedule,
+    num_steps: int,
+    depth: float = 1.0,
+    *,
+    eta: float = 0.0,
+    key: Optional[jax.Array] = None,
+    debug: bool = False,
+):
+    """Runs DDIM from noise level ``depth * T`` down to the clean image; inverse of ddim_invert.
+
+    With ``eta > 0`` step i draws its noise from ``fold_in(key, i)``.
+    """
+    if eta and key is None:
+        raise ValueError("ddim_sample: eta > 0 needs an explicit PRNG `key`")
+    ts = ddim_timesteps(num_steps, schedule.num_train_timesteps, depth)
+    a = grid_alphas(schedule, ts)
+    idx = np.arange(num_steps)[::-1]
+    xs = (jnp.asarray(ts[1:][idx]), a[1:][idx], a[:-1][idx], jnp.asarray(idx))
+
+    def body(x, step):
+        t, a_t, a_s, i = step
+        k = None if not eta else jax.random.fold_in(key, i)
+        return ddim_step(x, eps_fn(x, _times(x, t), cond), a_t, a_s, eta=eta, key=k), None
+
+    x0, _ = _loop(body, x_T, xs, debug)
+    return x0
+
+
+def guidance_gradient(
+    eps_fn: EpsFn,
+    log_prob_fn: LogProbFn,
+    x_t: jnp.ndarray,
+    t: jnp.ndarray,
+    abar_t,
+    cond: Any,
+    y: jnp.ndarray,
+    *,
+    guide_on: str = "x0",
+    grad_through_eps: bool = False,
+):
+    """Returns (eps(x_t), grad_x log p(y | x_t)) from one forward pass of the noise model.
+
+    ``guide_on="x0"`` evaluates the classifier on the predicted clean image x0_hat(x_t) (the
+    DiCap default: a frozen clean-image classifier such as CLIP); ``"xt"`` on x_t itself (a
+    noise-aware classifier). With ``grad_through_eps=False`` x0_hat treats eps as a constant
+    (d x0_hat / d x_t = 1 / sqrt(abar_t)); True backpropagates through the noise model too.
+    Per-example gradients: the log-probabilities of the batch are summed, examples are independent.
+    """
+    if guide_on not in GUIDE_ON:
+        raise ValueError(f"guide_on must be one of {GUIDE_ON}, got {guide_on!r}")
+
+    def objective(x):
+        eps = eps_fn(x, t, cond)
+        e = eps if grad_through_eps else jax.lax.stop_gradient(eps)
+        inp = predict_x0(x, e, abar_t).astype(x.dtype) if guide_on == "x0" else x
+        return jnp.sum(log_prob_fn(inp, t, y).astype(jnp.float32)), eps
+
+    grad, eps = jax.grad(objective, has_aux=True)(x_t)
+    return eps, grad
+
+
+def guided_eps(eps, grad, abar_t, scale):
+    """eps_hat = eps - s sqrt(1 - abar_t) grad_x log p(y_cf | x_t); s scalar or per-example [B]."""
+    return eps - _bcast(scale, eps) * jnp.sqrt(1.0 - _bcast(abar_t, eps)) * grad.astype(eps.dtype)
+
+
+def guided_denoise(
+    eps_fn: EpsFn,
+    log_prob_fn: LogProbFn,
+    x_T: jnp.ndarray,
+    cond: Any,
+    y: jnp.ndarray,
+    scale,
+    schedule: NoiseSchedule,
+    num_steps: int,
+    depth: float = 1.0,
+    *,
+    guide_on: str = "x0",
+    grad_through_eps: bool = False,
+    debug: bool = False,
+):
+    """Action: classifier-guided DDIM sampling from depth * T toward per-example labels y [B].
+
+    At every step eps is replaced by :func:`guided_eps` with scale ``scale`` (scalar or [B]),
+    then the ordinary deterministic :func:`ddim_step` is taken. ``x_T`` is usually the output of
+    :func:`ddim_invert` at the same ``num_steps`` and ``depth``.
+    """
+    ts = ddim_timesteps(num_steps, schedule.num_train_timesteps, depth)
+    a = grid_alphas(schedule, ts)
+    idx = np.arange(num_steps)[::-1]
+    xs = (jnp.asarray(ts[1:][idx]), a[1:][idx], a[:-1][idx])
+
+    def body(x, step):
+        t, a_t, a_s = step
+        tb = _times(x, t)
+        eps, grad = guidance_gradient(eps_fn, log_prob_fn, x, tb, a_t, cond, y,
+                                      guide_on=guide_on, grad_through_eps=grad_through_eps)
+        return ddim_step(x, guided_eps(eps, grad, a_t, scale), a_t, a_s), None
+
+    x0, _ = _loop(body, x_T, xs, debug)
+    return x0

@@ -1,0 +1,1 @@
+"""Flax model definitions (CLIP, UNets, VAE, DiffAE UNet) and their checkpoint loaders."""

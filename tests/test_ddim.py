@@ -1,0 +1,245 @@
+"""The DDIM core against closed forms: Gaussian data has an exact eps, a point mass an exact step."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcf.diffusion import (
+    ddim_invert,
+    ddim_sample,
+    ddim_step,
+    ddim_timesteps,
+    eps_from_v,
+    guidance_gradient,
+    guided_denoise,
+    make_schedule,
+    predict_x0,
+)
+
+MU, SIGMA = 0.3, 0.5
+
+
+def gaussian_eps(schedule, mu=MU, sigma=SIGMA):
+    """Exact eps for x0 ~ N(mu, sigma^2 I): E[eps | x_t] = sqrt(1-a)(x_t - sqrt(a) mu) / (a sigma^2 + 1 - a)."""
+
+    def eps_fn(x_t, t, cond):
+        a = schedule.alphas_cumprod[t].reshape((-1,) + (1,) * (x_t.ndim - 1))
+        return jnp.sqrt(1 - a) * (x_t - jnp.sqrt(a) * mu) / (a * sigma**2 + 1 - a)
+
+    return eps_fn
+
+
+def test_schedules_closed_form():
+    lin = make_schedule("linear")
+    np.testing.assert_allclose(np.asarray(lin.betas)[[0, -1]], [1e-4, 0.02], rtol=1e-6)
+    np.testing.assert_allclose(lin.alphas_cumprod, np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)), rtol=1e-5)
+    sl = make_schedule("scaled_linear", beta_start=0.00085, beta_end=0.012)
+    np.testing.assert_allclose(sl.betas, np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2, rtol=1e-5)
+    cos = make_schedule("cosine")
+    f = lambda t: np.cos((t / 1000 + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
+    np.testing.assert_allclose(cos.alphas_cumprod[:500], f(np.arange(1, 501)) / f(0), rtol=1e-4)
+    for s in (lin, sl, cos):
+        assert np.all(np.diff(np.asarray(s.alphas_cumprod)) < 0)
+    with pytest.raises(ValueError, match="unknown noise schedule 'sigmoid'; allowed: linear, scaled_linear, cosine"):
+        make_schedule("sigmoid")
+
+
+def test_timesteps_grid_and_errors():
+    ts = ddim_timesteps(50, 1000, 1.0)
+    assert ts[0] == 0 and ts[-1] == 999 and len(ts) == 51 and np.all(np.diff(ts) > 0)
+    assert ddim_timesteps(20, 1000, 0.6)[-1] == 599
+    with pytest.raises(ValueError, match="depth must be in"):
+        ddim_timesteps(10, 1000, 1.5)
+    with pytest.raises(ValueError, match="depth must be in"):
+        ddim_timesteps(10, 1000, 0.0)
+    with pytest.raises(ValueError, match="num_steps must be a positive integer"):
+        ddim_timesteps(0)
+
+
+def test_step_is_exact_for_a_point_mass():
+    # For data concentrated at mu, eps(x_t) = (x_t - sqrt(a_t) mu) / sqrt(1 - a_t) exactly, and one DDIM
+    # step lands on x_s = sqrt(a_s) mu + sqrt(1 - a_s) eps whatever the step size.
+    rng = np.random.default_rng(0)
+    mu = rng.normal(size=(2, 4, 4, 3))
+    e = rng.normal(size=mu.shape)
+    for a_t, a_s in [(0.3, 0.9), (0.9, 0.3), (0.05, 0.999)]:
+        x_t = np.sqrt(a_t) * mu + np.sqrt(1 - a_t) * e
+        x_s = ddim_step(jnp.asarray(x_t, jnp.float32), jnp.asarray(e, jnp.float32), a_t, a_s)
+        np.testing.assert_allclose(x_s, np.sqrt(a_s) * mu + np.sqrt(1 - a_s) * e, atol=1e-5)
+        np.testing.assert_allclose(predict_x0(jnp.asarray(x_t), jnp.asarray(e), a_t), mu, atol=1e-5)
+
+
+def test_eta_adds_noise_with_the_posterior_variance():
+    x_t, e = jnp.zeros((20000, 1)), jnp.zeros((20000, 1))
+    a_t, a_s = 0.4, 0.7
+    k1, k2 = jax.random.split(jax.random.key(0))
+    det = ddim_step(x_t, e, a_t, a_s)
+    s1 = ddim_step(x_t, e, a_t, a_s, eta=1.0, key=k1)
+    s2 = ddim_step(x_t, e, a_t, a_s, eta=1.0, key=k2)
+    assert not np.allclose(s1, det) and not np.allclose(s1, s2)
+    # eta = 1 is DDPM: sigma^2 = (1 - a_s)/(1 - a_t) (1 - a_t/a_s)
+    sigma = np.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
+    assert abs(float(jnp.std(s1)) - sigma) < 0.02 * sigma
+    with pytest.raises(ValueError, match="explicit PRNG"):
+        ddim_step(x_t, e, a_t, a_s, eta=0.5)
+
+
+def test_eta_changes_samples_and_needs_key():
+    sch = make_schedule("linear")
+    x_T = jax.random.normal(jax.random.key(1), (4, 8))
+    eps_fn = gaussian_eps(sch)
+    det = ddim_sample(eps_fn, x_T, None, sch, 10)
+    sto = ddim_sample(eps_fn, x_T, None, sch, 10, eta=1.0, key=jax.random.key(2))
+    sto2 = ddim_sample(eps_fn, x_T, None, sch, 10, eta=1.0, key=jax.random.key(2))
+    assert not np.allclose(det, sto)
+    np.testing.assert_array_equal(sto, sto2)
+    with pytest.raises(ValueError, match="explicit PRNG"):
+        ddim_sample(eps_fn, x_T, None, sch, 10, eta=1.0)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_invert_then_sample_reconstructs_with_shrinking_error(schedule):
+    sch = make_schedule(schedule)
+    eps_fn = gaussian_eps(sch)
+    x0 = MU + SIGMA * jax.random.normal(jax.random.key(0), (16, 8, 8, 3))
+    errors = []  # mean abs reconstruction error; DDIM inversion is first order, so ~ 1 / num_steps
+    for n in (10, 25, 100):
+        x_T = ddim_invert(eps_fn, x0, None, sch, n)
+        rec = ddim_sample(eps_fn, x_T, None, sch, n)
+        errors.append(float(jnp.mean(jnp.abs(rec - x0))))
+        if n == 100:
+            assert float(jnp.max(jnp.abs(rec - x0))) < 0.15
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[2] / errors[1] < 0.35, errors  # 4x the steps: about 4x smaller
+    assert errors[2] < 0.03, errors
+    # Inversion really reaches noise: at T the code is close to standard normal.
+    x_T = ddim_invert(eps_fn, x0, None, sch, 100)
+    assert abs(float(jnp.std(x_T)) - 1.0) < 0.1
+
+
+def test_partial_depth_round_trip():
+    sch = make_schedule("linear")
+    eps_fn = gaussian_eps(sch)
+    x0 = MU + SIGMA * jax.random.normal(jax.random.key(3), (8, 16))
+    x_t = ddim_invert(eps_fn, x0, None, sch, 100, depth=0.6)
+    a = float(sch.alphas_cumprod[599])
+    # At depth 0.6 the code keeps sqrt(abar) of the signal: still correlated with x0.
+    assert float(jnp.corrcoef(x_t.ravel(), x0.ravel())[0, 1]) > 0.5 * np.sqrt(a)
+    rec = ddim_sample(eps_fn, x_t, None, sch, 100, depth=0.6)
+    assert float(jnp.mean(jnp.abs(rec - x0))) < 0.02
+
+
+def test_scan_and_python_loop_agree():
+    sch = make_schedule("scaled_linear", beta_start=0.00085, beta_end=0.012)
+    eps_fn = gaussian_eps(sch)
+    x0 = MU + SIGMA * jax.random.normal(jax.random.key(0), (3, 4, 4, 2))
+    a, ta = ddim_invert(eps_fn, x0, None, sch, 20, return_trajectory=True)
+    b, tb = ddim_invert(eps_fn, x0, None, sch, 20, return_trajectory=True, debug=True)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ta, tb, rtol=1e-6, atol=1e-6)
+    assert ta.shape == (21,) + x0.shape
+    np.testing.assert_allclose(ddim_sample(eps_fn, a, None, sch, 20),
+                               ddim_sample(eps_fn, a, None, sch, 20, debug=True), rtol=1e-6, atol=1e-6)
+
+
+def _linear_classifier(w):
+    """log p(y | x) = log_sigmoid((2y - 1) <w, x>) per example."""
+
+    def log_prob(x, t, y):
+        logit = jnp.sum(x.reshape(x.shape[0], -1) * w.reshape(1, -1), axis=1)
+        return jax.nn.log_sigmoid(jnp.where(y == 1, logit, -logit))
+
+    return log_prob
+
+
+@pytest.mark.parametrize("guide_on,through", [("x0", False), ("x0", True), ("xt", False)])
+def test_guidance_gradient_matches_finite_differences(guide_on, through):
+    sch = make_schedule("linear")
+    x = jax.random.normal(jax.random.key(0), (2, 3, 3, 1), jnp.float32)
+    w = jax.random.normal(jax.random.key(1), (3, 3, 1))
+    # a non-linear noise model, so gradients through it are not trivial
+    eps_fn = lambda x_t, t, c: jnp.tanh(x_t * 0.7) + 0.1 * x_t**2  # noqa: E731
+    log_prob = _linear_classifier(w)
+    t = jnp.array([400, 400])
+    a = sch.alphas_cumprod[400]
+    y = jnp.array([1, 0])
+    _, g = guidance_gradient(eps_fn, log_prob, x, t, a, None, y, guide_on=guide_on, grad_through_eps=through)
+
+    def objective(xx):
+        eps = eps_fn(xx, t, None)
+        if guide_on == "x0" and not through:
+            eps = eps_fn(x, t, None)  # eps held at the base point
+        inp = predict_x0(xx, eps, a) if guide_on == "x0" else xx
+        return float(jnp.sum(log_prob(inp, t, y)))
+
+    h = 1e-2
+    xn = np.asarray(x, np.float64)
+    fd = np.zeros_like(xn)
+    for idx in np.ndindex(xn.shape):
+        e = np.zeros_like(xn)
+        e[idx] = h
+        fd[idx] = (objective(jnp.asarray(xn + e, jnp.float32)) - objective(jnp.asarray(xn - e, jnp.float32))) / (2 * h)
+    np.testing.assert_allclose(g, fd, rtol=2e-2, atol=2e-3)
+
+
+def test_guided_sample_moves_toward_target():
+    sch = make_schedule("linear")
+    eps_fn = gaussian_eps(sch, mu=0.0, sigma=1.0)
+    w = jnp.full((4, 4, 1), 0.25)
+    log_prob = _linear_classifier(w)
+    x0 = jax.random.normal(jax.random.key(0), (64, 4, 4, 1))
+    x_t = ddim_invert(eps_fn, x0, None, sch, 20, depth=0.7)
+    target = jnp.where(jnp.sum(x0, axis=(1, 2, 3)) > 0, 0, 1)  # the other class
+    p = lambda x: jnp.mean(jnp.exp(log_prob(x, None, target)))  # noqa: E731
+    plain = guided_denoise(eps_fn, log_prob, x_t, None, target, 0.0, sch, 20, depth=0.7)
+    # s = 0 is ordinary DDIM sampling
+    np.testing.assert_allclose(plain, ddim_sample(eps_fn, x_t, None, sch, 20, depth=0.7), atol=1e-5)
+    moved = guided_denoise(eps_fn, log_prob, x_t, None, target, 10.0, sch, 20, depth=0.7)
+    assert float(p(moved)) > float(p(plain)) + 0.3
+    # per-example scales: an example with s = 0 is untouched
+    scales = jnp.where(jnp.arange(64) % 2 == 0, 0.0, 10.0)
+    mixed = guided_denoise(eps_fn, log_prob, x_t, None, target, scales, sch, 20, depth=0.7)
+    np.testing.assert_allclose(mixed[::2], plain[::2], atol=1e-5)
+    np.testing.assert_allclose(mixed[1::2], moved[1::2], atol=1e-5)
+
+
+def test_eps_from_v():
+    sch = make_schedule("linear")
+    x0 = jax.random.normal(jax.random.key(0), (3, 5))
+    e = jax.random.normal(jax.random.key(1), (3, 5))
+    t = jnp.array([10, 500, 900])
+    a = sch.alphas_cumprod[t][:, None]
+    x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * e
+    v = jnp.sqrt(a) * e - jnp.sqrt(1 - a) * x0
+    np.testing.assert_allclose(eps_from_v(lambda x, tt, c: v, sch)(x_t, t, None), e, atol=1e-5)
+
+
+def test_jitted_functions_trace_once():
+    sch = make_schedule("linear")
+    eps_fn = gaussian_eps(sch)
+    log_prob = _linear_classifier(jnp.ones((4, 4, 1)))
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def invert(x):
+        return ddim_invert(eps_fn, x, None, sch, 10)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def sample(x):
+        return ddim_sample(eps_fn, x, None, sch, 10)
+
+    @functools.partial(jax.jit, static_argnames=())
+    @chex.assert_max_traces(n=1)
+    def guided(x, y, s):
+        return guided_denoise(eps_fn, log_prob, x, None, y, s, sch, 10)
+
+    chex.clear_trace_counter()
+    for seed in range(3):
+        x = jax.random.normal(jax.random.key(seed), (2, 4, 4, 1))
+        sample(invert(x))
+        guided(x, jnp.array([0, 1]), jnp.float32(seed))
