@@ -1,0 +1,32 @@
+"""The one place that maps a config's model name to a Flax module."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _unet2d(cfg: dict, dtype):
+    from jaxcf.models.unet2d import UNet2DConfig, UNet2DModel
+
+    return UNet2DModel(UNet2DConfig(**cfg), dtype=dtype)
+
+
+MODELS = {
+    "unet2d": _unet2d,
+}
+
+
+def build_model(name: str, cfg: dict, dtype: str = "float32"):
+    """Builds the module called ``name`` from its config dict (field names as in the model's config)."""
+    from jaxcf.configs import ConfigError
+
+    if name not in MODELS:
+        raise ConfigError(f"config.model.name={name!r} is unknown; allowed: {', '.join(MODELS)}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"config.dtype={dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
+    try:
+        return MODELS[name](dict(cfg), DTYPES[dtype])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.model ({name}): {e}") from e
