@@ -1,0 +1,1 @@
+"""DiDAE: gradient-free counterfactuals with a diffusion autoencoder and an embedding dictionary."""

@@ -1,0 +1,97 @@
+"""The dictionary Omega of DiDAE (METHODS.md §2.4-2.5) and the edits made with it.
+
+Omega is [D, K] with orthonormal columns (atoms), fitted on held-out embeddings X [N, D] with
+mean mu [D]. Edits act on semantic codes z [B, D]; the decoder turns edited codes into images.
+Every function is pure jax.numpy and jittable; inputs are checked with clear errors first.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _check_embeddings(X, name="X"):
+    if np.ndim(X) != 2:
+        raise ValueError(f"{name} must be embeddings of shape [N, D], got shape {np.shape(X)}")
+
+
+def _check_atoms(K: int, D: int, field: str = "K"):
+    if not 1 <= K <= D:
+        raise ValueError(f"dictionary size {field}={K} must be between 1 and the embedding size D={D}")
+
+
+def procrustes_dictionary(X, Y, mu=None):
+    """Supervised atoms: Omega = W^T with W = argmin ||Xc W^T - Y|| s.t. W W^T = I.
+
+    X: [N, D] embeddings; Y: [N, K] attribute labels (one column per atom); mu: [D] (default the
+    mean of X). With M = Y^T Xc = U S V^T, W = U V^T. Returns (Omega [D, K], mu [D]).
+    """
+    _check_embeddings(X)
+    N, D = np.shape(X)
+    if np.ndim(Y) == 1:
+        raise ValueError(f"labels Y must be [N, K] (one column per atom), got a vector of shape {np.shape(Y)}; "
+                         f"use Y[:, None] for a single atom")
+    if np.ndim(Y) != 2 or np.shape(Y)[0] != N:
+        raise ValueError(f"labels Y must have shape [N={N}, K], got {np.shape(Y)}")
+    _check_atoms(np.shape(Y)[1], D)
+    X = jnp.asarray(X, jnp.float32)
+    mu = jnp.mean(X, axis=0) if mu is None else jnp.asarray(mu, jnp.float32)
+    M = jnp.asarray(Y, jnp.float32).T @ (X - mu)  # [K, D]
+    U, _, Vt = jnp.linalg.svd(M, full_matrices=False)  # U [K, K], Vt [K, D]
+    return (U @ Vt).T, mu
+
+
+def svd_dictionary(X, K: int, mu=None):
+    """Unsupervised atoms: the top-K right singular vectors of the centred X. Returns (Omega [D, K], mu)."""
+    _check_embeddings(X)
+    _check_atoms(K, np.shape(X)[1])
+    X = jnp.asarray(X, jnp.float32)
+    mu = jnp.mean(X, axis=0) if mu is None else jnp.asarray(mu, jnp.float32)
+    _, _, Vt = jnp.linalg.svd(X - mu, full_matrices=False)
+    return Vt[:K].T, mu
+
+
+def coefficients(z, omega, mu):
+    """c = Omega^T (z - mu): [B, D] -> [B, K]."""
+    return (z - mu) @ omega
+
+
+def _check_atom_index(k, K):
+    if isinstance(k, (int, np.integer)) and not -K <= k < K:
+        raise ValueError(f"atom index {k} is out of range for a dictionary of K={K} atoms")
+
+
+def reflect(z, omega, mu, k: int):
+    """z' = z - 2 c_k omega_k: flips the sign of coefficient k, leaving every other one unchanged."""
+    _check_atom_index(k, omega.shape[1])
+    c = coefficients(z, omega, mu)[:, k]  # [B]
+    return z - 2.0 * c[:, None] * omega[:, k][None, :]
+
+
+def reflect_all(z, omega, mu):
+    """All K reflections at once: [B, D] -> [K, B, D]."""
+    c = coefficients(z, omega, mu)  # [B, K]
+    return z[None] - 2.0 * jnp.einsum("bk,dk->kbd", c, omega)
+
+
+def boundary_inversion(z, w, atoms, lam: float = 2.0, eps: float = 1e-6):
+    """Algorithm 2: z'_k = z - lam (w^T z / w^T u_k) u_k for each atom u_k (columns of atoms [D, K]).
+
+    lam = 2 mirrors the probe's logit (w^T z' = -w^T z); lam = 1 lands on the boundary. Atoms with
+    |w^T u_k| < eps cannot move the logit and are left unedited. Returns (z' [K, B, D], valid [K]).
+    """
+    wu = atoms.T @ w  # [K]
+    valid = jnp.abs(wu) >= eps
+    if not isinstance(wu, jax.core.Tracer) and not bool(jnp.any(valid)):
+        raise ValueError(f"the probe is orthogonal to every atom (|w.u_k| < {eps} for all K={atoms.shape[1]}): "
+                         "no atom can move its decision; use other atoms or another probe")
+    step = jnp.where(valid, 1.0 / jnp.where(valid, wu, 1.0), 0.0)  # [K]
+    wz = z @ w  # [B]
+    return z[None] - lam * jnp.einsum("b,k,dk->kbd", wz, step, atoms), valid
+
+
+def project_out(phi, Q):
+    """The projection baseline: phi - Q Q^T phi removes the span of Q [D, J] from phi [B, D]."""
+    return phi - (phi @ Q) @ Q.T
