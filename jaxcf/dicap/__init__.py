@@ -1,0 +1,1 @@
+"""DiCap: causality-aligned prompt learning with diffusion counterfactuals (METHODS.md §1)."""

@@ -1,0 +1,163 @@
+"""DiCap's pure pieces against independent references (float64 NumPy, brute force, CLIP itself)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcf.dicap.counterfactuals import clip_zero_shot_log_prob, generate_counterfactuals, sample_target_classes
+from jaxcf.dicap.losses import counterfactual_contrastive_loss, dicap_loss
+from jaxcf.dicap.metrics import counterfactual_latent_divergence, harmonic_mean, recall_at_k
+from jaxcf.dicap.prompts import build_prompt_tokens, init_prompt_params, prompt_text_features
+from jaxcf.diffusion import ddim_invert, ddim_sample, make_schedule
+from jaxcf.models.clip import CLIP, CLIPConfig, WordTokenizer, to_clip_input
+
+CLASSES = ["circle", "red star", "square", "hexagon"]
+
+
+@pytest.fixture(scope="module")
+def clip_setup():
+    tok = WordTokenizer.from_texts(["a photo of a"] + [f"{c}." for c in CLASSES])
+    clip = CLIP(CLIPConfig.tiny(vocab_size=tok.vocab_size, max_len=12, eos_token_id=tok.eos_id, image_size=16,
+                                patch_size=8))
+    params = clip.init(jax.random.key(0))
+    return tok, clip, params
+
+
+def test_prompt_from_init_text_equals_encoding_the_text(clip_setup):
+    tok, clip, params = clip_setup
+    tmpl = build_prompt_tokens(tok, CLASSES, 4, 12)
+    p = init_prompt_params(jax.random.key(1), clip, params, tok, len(CLASSES), 4, "a photo of a")
+    base = clip.token_embedding(params, jnp.asarray(tmpl.token_ids))
+    feats = prompt_text_features(clip, params, p, base, tmpl)
+    ref = clip.encode_text(params, jnp.asarray(tok([f"a photo of a {c}." for c in CLASSES], max_length=12)))
+    np.testing.assert_allclose(feats, ref, rtol=1e-5, atol=1e-5)
+    # class-specific context starts identical; cocoop adds a per-image bias
+    pc = init_prompt_params(jax.random.key(1), clip, params, tok, len(CLASSES), 4, "a photo of a", "class_specific")
+    assert pc["ctx"].shape == (4, 4, clip.config.text.hidden_size)
+    np.testing.assert_allclose(prompt_text_features(clip, params, pc, base, tmpl), ref, rtol=1e-5, atol=1e-5)
+    pm = init_prompt_params(jax.random.key(1), clip, params, tok, len(CLASSES), 4, "a photo of a", "cocoop")
+    img = jax.random.normal(jax.random.key(2), (3, clip.config.projection_dim))
+    assert prompt_text_features(clip, params, pm, base, tmpl, img).shape == (3, 4, clip.config.projection_dim)
+
+
+def test_prompt_errors(clip_setup):
+    tok, clip, params = clip_setup
+    with pytest.raises(ValueError, match="has 4 tokens but prompt.n_ctx=3"):
+        init_prompt_params(jax.random.key(1), clip, params, tok, 4, 3, "a photo of a")
+    with pytest.raises(ValueError, match="prompt.mode='meta' is not allowed"):
+        init_prompt_params(jax.random.key(1), clip, params, tok, 4, 4, "a photo of a", "meta")
+    with pytest.raises(ValueError, match="needs 10 tokens with n_ctx=5"):
+        build_prompt_tokens(tok, ["red star"], 5, 8)
+    p = init_prompt_params(jax.random.key(1), clip, params, tok, 4, 4, "")
+    assert abs(float(jnp.std(p["ctx"])) - 0.02) < 0.01
+
+
+def _np_lcf(f, fcf, t, y, tau, all_classes):
+    def cos(a, b):
+        a = a / np.linalg.norm(a, axis=-1, keepdims=True)
+        b = b / np.linalg.norm(b, axis=-1, keepdims=True)
+        return a @ b.T
+
+    sx, scf = cos(f, t) / tau, cos(fcf, t) / tau
+    per = -np.log(np.exp(sx) / (np.exp(sx) + np.exp(scf)))
+    return per.mean() if all_classes else per[np.arange(len(y)), y].mean()
+
+
+@pytest.mark.parametrize("tau,all_classes", [(1.0, False), (0.07, False), (0.5, True)])
+def test_counterfactual_contrastive_loss_matches_float64(tau, all_classes):
+    rng = np.random.default_rng(0)
+    f, fcf, t = rng.normal(size=(6, 8)), rng.normal(size=(6, 8)), rng.normal(size=(5, 8))
+    y = rng.integers(0, 5, 6)
+    got = counterfactual_contrastive_loss(jnp.asarray(f), jnp.asarray(fcf), jnp.asarray(t), jnp.asarray(y), tau,
+                                          all_classes)
+    np.testing.assert_allclose(got, _np_lcf(f, fcf, t, y, tau, all_classes), rtol=1e-5)
+    valid = np.array([1, 1, 0, 1, 0, 1], bool)
+    got = counterfactual_contrastive_loss(jnp.asarray(f), jnp.asarray(fcf), jnp.asarray(t), jnp.asarray(y), tau,
+                                          all_classes, jnp.asarray(valid))
+    np.testing.assert_allclose(got, _np_lcf(f[valid], fcf[valid], t, y[valid], tau, all_classes), rtol=1e-5)
+
+
+def test_dicap_loss_is_ce_plus_lambda_lcf_and_a_hard_negative_costs_more():
+    rng = np.random.default_rng(1)
+    f, t = rng.normal(size=(4, 8)), rng.normal(size=(3, 8))
+    y = np.array([0, 1, 2, 0])
+    loss0, m0 = dicap_loss(jnp.asarray(f), None, jnp.asarray(t), jnp.asarray(y), 100.0)
+    logits = 100 * (f / np.linalg.norm(f, axis=1, keepdims=True)) @ (t / np.linalg.norm(t, axis=1, keepdims=True)).T
+    ce = np.mean(np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1) - logits[np.arange(4), y])
+    np.testing.assert_allclose(loss0, ce, rtol=1e-5)
+    near = f + 0.01 * rng.normal(size=f.shape)  # a counterfactual that did not change: hard to tell apart
+    far = -t[y]  # one that moved away from the true class's prompt
+    l_near, _ = dicap_loss(jnp.asarray(f), jnp.asarray(near), jnp.asarray(t), jnp.asarray(y), 100.0, lam=2.0)
+    l_far, _ = dicap_loss(jnp.asarray(f), jnp.asarray(far), jnp.asarray(t), jnp.asarray(y), 100.0, lam=2.0)
+    np.testing.assert_allclose(l_near - loss0, 2.0 * np.log(2.0), atol=1e-2)  # L_cf = log 2 when x_cf ~ x
+    assert float(l_far) < float(l_near)
+
+
+def test_target_class_sampling():
+    rng = np.random.default_rng(2)
+    t = rng.normal(size=(6, 5))
+    labels = jnp.arange(6).repeat(3)
+    y = np.asarray(sample_target_classes(labels, jnp.asarray(t), "similarity"))
+    tn = t / np.linalg.norm(t, axis=1, keepdims=True)
+    sim = tn @ tn.T
+    np.fill_diagonal(sim, -np.inf)
+    np.testing.assert_array_equal(y, np.argmax(sim, 1)[np.asarray(labels)])
+    r = np.asarray(sample_target_classes(labels, jnp.asarray(t), "random", jax.random.key(0)))
+    assert np.all(r != np.asarray(labels)) and np.all((0 <= r) & (r < 6))
+    with pytest.raises(ValueError, match="dicap.cf_target='nearest' is not allowed"):
+        sample_target_classes(labels, jnp.asarray(t), "nearest")
+
+
+def test_cld_matches_a_direct_count():
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(30, 4))
+    ref_labels = np.repeat(np.arange(3), 10)
+    x, xcf = ref[[0, 12]], rng.normal(size=(2, 4))
+    labels, ycf = np.array([0, 1]), np.array([2, 0])
+    got = counterfactual_latent_divergence(x, xcf, labels, ycf, ref, ref_labels)
+    for i in range(2):
+        d = np.linalg.norm(x[i] - xcf[i])
+        s_x = [np.linalg.norm(x[i] - r) for r, lab in zip(ref, ref_labels) if lab == labels[i]
+               and not np.allclose(r, x[i])]
+        s_cf = [np.linalg.norm(x[i] - r) for r, lab in zip(ref, ref_labels) if lab == ycf[i]]
+        expected = np.log(0.5 * np.exp(np.mean(np.array(s_cf) <= d)) + 0.5 * np.exp(np.mean(np.array(s_x) >= d)))
+        np.testing.assert_allclose(got[i], expected)
+
+
+def test_harmonic_mean_and_recall():
+    assert harmonic_mean(0.8, 0.6) == pytest.approx(2 * 0.48 / 1.4)
+    assert harmonic_mean(0.0, 0.0) == 0.0
+    rng = np.random.default_rng(4)
+    f = rng.normal(size=(20, 6))
+    r = recall_at_k(f, f + 1e-3 * rng.normal(size=f.shape), ks=(1, 5))
+    assert r["i2t_R@1"] == 1.0 and r["t2i_R@5"] == 1.0
+    r = recall_at_k(f, rng.normal(size=f.shape), ks=(1, 20))
+    assert r["i2t_R@20"] == 1.0 and r["i2t_R@1"] < 0.5
+
+
+def test_generated_counterfactual_moves_toward_target_and_scale_zero_reconstructs(clip_setup):
+    """With an analytic eps-model and a tiny CLIP as p_phi, guidance raises p(y_cf | x_cf)."""
+    tok, clip, params = clip_setup
+    sch = make_schedule("linear")
+
+    def eps_fn(x_t, t, cond):  # exact eps of N(0, 0.5^2) data
+        a = sch.alphas_cumprod[t][:, None, None, None]
+        return jnp.sqrt(1 - a) * x_t / (a * 0.25 + 1 - a)
+
+    text = clip.encode_text(params, jnp.asarray(tok([f"a photo of a {c}." for c in CLASSES], max_length=12)))
+    to_clip = functools.partial(to_clip_input, image_size=16)
+    log_prob = clip_zero_shot_log_prob(clip, params, text, to_clip, logit_scale=10.0)
+    x = 0.5 * jax.random.normal(jax.random.key(5), (6, 16, 16, 3))
+    y_cf = jnp.array([0, 1, 2, 3, 0, 1])
+    gen = jax.jit(lambda x, y, s: generate_counterfactuals(eps_fn, log_prob, x, y, s, sch, 10, 0.6))
+    plain = gen(x, y_cf, 0.0)
+    np.testing.assert_allclose(plain, ddim_sample(eps_fn, ddim_invert(eps_fn, x, None, sch, 10, 0.6), None, sch, 10,
+                                                  0.6), atol=1e-5)
+    cf = gen(x, y_cf, 3.0)
+    before = np.exp(np.asarray(log_prob(x, None, y_cf)))
+    after = np.exp(np.asarray(log_prob(cf, None, y_cf)))
+    assert np.all(after > before) and after.mean() > before.mean() + 0.1, (before, after)
+    assert float(jnp.mean(jnp.abs(cf - x))) < 0.5  # a nudge, not a new image
