@@ -253,5 +253,5 @@ def finalize(converted: Any, expected: Any, sd: StateDict | None = None, ignore_
                               + (f"\n  ... and {len(problems) - 40} more" if len(problems) > 40 else ""))
     import jax.numpy as jnp
 
-    dt = jnp.float32 if dtype is None else dtype
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=dt), converted)
+    dt = np.dtype(jnp.float32 if dtype is None else dtype)  # numpy casts: no XLA compile per tensor shape
+    return jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x).astype(dt)), converted)
