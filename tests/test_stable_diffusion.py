@@ -30,9 +30,8 @@ def _write_tokenizer(folder):
     return len(vocab)
 
 
-@pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_sd")
+def write_tiny_sd(root):
+    """A tiny random Stable Diffusion pipeline folder (v-prediction, 2x VAE downsampling)."""
     vocab_size = _write_tokenizer(root / "tokenizer")
     torch.manual_seed(0)
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
@@ -52,6 +51,11 @@ def sd_folder(tmp_path_factory):
                             prediction_type="v_prediction").save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return root
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    return write_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
 
 
 def test_loads_every_component(sd_folder):

@@ -12,6 +12,7 @@ from jaxcf.configs import ConfigError, validate_common
 # name -> "module:function"; each module also has validate(config), called before any work.
 PIPELINES = {
     "diffusion": "jaxcf.pipelines.diffusion",
+    "dicap": "jaxcf.pipelines.dicap",
 }
 
 

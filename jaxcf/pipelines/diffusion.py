@@ -91,7 +91,8 @@ def train_eps_model(model, schedule, dataset, train_cfg, workdir: str, mesh, *, 
                         shardings, mesh)
 
     def batch_fn(step):
-        return {"image": dataset.get(stream_indices(len(dataset), train_cfg.batch_size, step, seed))["image"]}
+        idx = stream_indices(len(dataset), train_cfg.batch_size, step, seed)
+        return {"image": dataset.get(idx, keys=("image",))["image"]}
 
     ckpt = Checkpointer(workdir, every=checkpoint_every, keep=keep)
     writer = MetricWriter(workdir)

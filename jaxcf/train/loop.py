@@ -77,13 +77,16 @@ def train_loop(
     *,
     log_every: int = 10,
     desc: str = "train",
+    frozen: Any = None,
 ) -> Any:
     """Runs ``update`` from the latest checkpoint (or ``state``) up to ``num_steps``.
 
     ``batch_fn(step)`` returns this process's numpy batch for that step. Metrics go to ``writer``
     every ``log_every`` steps; the state is checkpointed every ``checkpointer.every`` steps and at
-    the end. On SIGTERM the state is saved and :class:`Preempted` is raised.
+    the end. On SIGTERM the state is saved and :class:`Preempted` is raised. ``frozen`` (if not
+    None) is passed to every ``update`` call as its third argument.
     """
+    extra = () if frozen is None else (frozen,)
     state = checkpointer.restore_or(state)
     start = int(jax.device_get(state.step))
     if start >= num_steps:
@@ -92,7 +95,7 @@ def train_loop(
                dynamic_ncols=True, mininterval=2.0)
     with SigtermGuard() as guard:
         for step in range(start, num_steps):
-            state, metrics = update(state, shard_batch(batch_fn(step), mesh))
+            state, metrics = update(state, shard_batch(batch_fn(step), mesh), *extra)
             done = step + 1
             if done % log_every == 0 or done == num_steps:
                 metrics = jax.device_get(metrics)

@@ -24,8 +24,8 @@ class TrainState:
     ema_params: Any = None  # optional exponential moving average of params
 
 
-# loss_fn(params, batch, rng) -> (loss, metrics dict)
-LossFn = Callable[[Any, Any, jax.Array], tuple[jnp.ndarray, dict]]
+# loss_fn(params, batch, rng[, frozen]) -> (loss, metrics dict)
+LossFn = Callable[..., tuple[jnp.ndarray, dict]]
 
 
 def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation, seed: int,
@@ -49,11 +49,16 @@ def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.Gradie
 
 
 def make_update_fn(loss_fn: LossFn, tx: optax.GradientTransformation, ema_decay: float | None = None):
-    """Pure ``update(state, batch) -> (state, metrics)`` for a loss over trainable params."""
+    """Pure ``update(state, batch[, frozen]) -> (state, metrics)`` for a loss over trainable params.
 
-    def update(state: TrainState, batch):
+    ``frozen`` (optional) is a pytree of parameters that are used but not trained (a frozen CLIP
+    or UNet): passed as an argument, not closed over, so it is sharded like any input and never
+    baked into the compiled program as a constant.
+    """
+
+    def update(state: TrainState, batch, *frozen):
         rng = jax.random.fold_in(state.rng, state.step)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng, *frozen)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema_params = state.ema_params
@@ -65,11 +70,14 @@ def make_update_fn(loss_fn: LossFn, tx: optax.GradientTransformation, ema_decay:
     return update
 
 
-def jit_update(update: Callable, state_shardings: Any, mesh: Mesh, data_axis: str = "data"):
-    """Jits ``update(state, batch)`` once: state donated, batch split over the data axis, metrics replicated."""
+def jit_update(update: Callable, state_shardings: Any, mesh: Mesh, data_axis: str = "data",
+               frozen_shardings: Any = None):
+    """Jits ``update(state, batch[, frozen])`` once: state donated, batch split over the data axis,
+    frozen params placed by ``frozen_shardings`` (when given), metrics replicated."""
+    extra = () if frozen_shardings is None else (frozen_shardings,)
     return jax.jit(
         update,
-        in_shardings=(state_shardings, data_sharding(mesh, data_axis)),
+        in_shardings=(state_shardings, data_sharding(mesh, data_axis)) + extra,
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=(0,),
     )

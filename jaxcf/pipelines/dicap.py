@@ -1,0 +1,384 @@
+"""DiCap end to end: abduction, action, estimation, base-to-novel evaluation (METHODS.md §1).
+
+For each seed: draw the few-shot set, generate a counterfactual for every shot (DDIM inversion,
+then CLIP-guided denoising toward y_cf; cached in the workdir), precompute frozen CLIP image
+features, and learn prompts three ways with the same shots: zero-shot CLIP (the template, no
+training), CoOp (CE only) and DiCap (CE + lambda * L_cf). Accuracies on base, novel and
+bias-conflicting test sets, HM, and counterfactual quality (flip rate, CLD, what changed) go to
+``results.json`` and ``results.md``; ``counterfactuals.png`` shows factual / counterfactual pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from tqdm.auto import tqdm
+
+from jaxcf import configs as cfgs
+from jaxcf.data.shapes import SHAPE_NAMES, shapes_dataset
+from jaxcf.dicap.counterfactuals import CF_TARGETS, clip_zero_shot_log_prob, generate_counterfactuals, \
+    sample_target_classes
+from jaxcf.dicap.losses import class_cosines, dicap_loss
+from jaxcf.dicap.metrics import accuracy, counterfactual_latent_divergence, flip_rate, harmonic_mean
+from jaxcf.dicap.prompts import PROMPT_MODES, build_prompt_tokens, init_prompt_params, prompt_text_features
+from jaxcf.diffusion.ddim import GUIDE_ON
+from jaxcf.pipelines.foundation import Foundation, build_foundation, encode_images, template_text_features
+from jaxcf.train import (
+    Checkpointer,
+    MetricWriter,
+    check_batch_divisible,
+    create_train_state,
+    data_sharding,
+    jit_update,
+    make_update_fn,
+    param_shardings,
+    replicated,
+    stream_indices,
+    to_host,
+    train_loop,
+)
+from jaxcf.utils.images import save_grid
+
+OPTIMIZERS = ("sgd", "adamw")
+FOUNDATIONS = ("toy", "pretrained")
+
+
+def validate(config) -> None:
+    from jaxcf.pipelines.foundation import ASSETS
+
+    cfgs.check_choice(config, "foundation.kind", FOUNDATIONS)
+    assets = config.foundation.assets
+    if assets and not os.path.isdir(os.path.join(ASSETS, assets)):
+        have = sorted(d for d in os.listdir(ASSETS) if os.path.isdir(os.path.join(ASSETS, d))) if os.path.isdir(ASSETS) else []
+        raise cfgs.ConfigError(f"config.foundation.assets={assets!r}: no such folder in {ASSETS}; available: "
+                               f"{', '.join(have) or 'none'}; or '' to pretrain the foundation models in the workdir")
+    cfgs.check_int(config, "data.shots", 1)
+    cfgs.check_range(config, "data.bias", 0.0, 1.0)
+    if not config.seeds or not all(isinstance(s, int) and s >= 0 for s in config.seeds):
+        raise cfgs.ConfigError(f"config.seeds={config.seeds!r} must be a non-empty list of integers >= 0")
+    if config.data.name == "shapes":
+        for field in ("base_classes", "novel_classes"):
+            for name in config.data[field]:
+                if name not in SHAPE_NAMES:
+                    raise cfgs.ConfigError(f"config.data.{field}: unknown class name {name!r}; allowed: "
+                                           f"{', '.join(SHAPE_NAMES)}")
+        if len(config.data.base_classes) < 2:
+            raise cfgs.ConfigError("config.data.base_classes needs at least 2 classes (y_cf must differ from y)")
+    elif not config.data.name.startswith("tfds:"):
+        raise cfgs.ConfigError(f"config.data.name={config.data.name!r} is not allowed; allowed: 'shapes', 'tfds:<name>'")
+    if config.foundation.kind == "pretrained":
+        if config.data.name == "shapes":
+            raise cfgs.ConfigError("config.foundation.kind='pretrained' needs a real dataset (config.data.name='tfds:...')")
+        for field in ("clip_checkpoint", "diffusion_checkpoint"):
+            path = str(config.foundation[field])
+            if path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(path)):
+                raise cfgs.ConfigError(f"config.foundation.{field}={path!r}: no such checkpoint folder")
+    cf = config.counterfactual
+    cfgs.check_range(config, "counterfactual.depth", 0.0, 1.0, low_open=True)
+    cfgs.check_range(config, "counterfactual.scale", 0.0, math.inf)
+    cfgs.check_int(config, "counterfactual.ddim_steps", 1)
+    cfgs.check_int(config, "counterfactual.batch_size", 1)
+    cfgs.check_choice(config, "counterfactual.target", CF_TARGETS)
+    cfgs.check_choice(config, "counterfactual.guide_on", GUIDE_ON)
+    T = config.foundation.schedule.num_train_timesteps
+    if cf.ddim_steps > round(cf.depth * T) - 1:
+        raise cfgs.ConfigError(f"config.counterfactual.ddim_steps={cf.ddim_steps} exceeds the {round(cf.depth * T)} "
+                               f"timesteps available at depth {cf.depth} of T={T}")
+    cfgs.check_int(config, "prompt.n_ctx", 1)
+    cfgs.check_choice(config, "prompt.mode", PROMPT_MODES)
+    cfgs.check_int(config, "train.steps", 1)
+    cfgs.check_int(config, "train.batch_size", 1)
+    cfgs.check_choice(config, "train.optimizer", OPTIMIZERS)
+    cfgs.check_range(config, "train.learning_rate", 0.0, 10.0, low_open=True)
+    cfgs.check_range(config, "train.lam", 0.0, math.inf)
+    cfgs.check_range(config, "train.tau", 0.0, math.inf, low_open=True)
+    n_shots = config.data.shots * len(config.data.base_classes)
+    if config.data.name == "shapes" and config.train.batch_size > n_shots:
+        raise cfgs.ConfigError(f"config.train.batch_size={config.train.batch_size} is larger than the "
+                               f"{n_shots} few-shot examples (data.shots x base classes)")
+
+
+# ----------------------------------------------------------------------------- action
+
+
+def counterfactuals(found: Foundation, x: np.ndarray, y_cf: np.ndarray, text_feats, cfg, mesh, desc: str):
+    """Counterfactuals of x [N, H, W, 3] toward y_cf [N], generated in sharded batches."""
+    bs = cfg.batch_size
+    check_batch_divisible(bs, mesh, "config.counterfactual.batch_size")
+    rep, dat = replicated(mesh), data_sharding(mesh)
+
+    def gen(dp, clip_params, text_feats, x, y):
+        lp = clip_zero_shot_log_prob(found.clip, clip_params, text_feats, found.to_clip, cfg.logit_scale)
+        enc = None if found.encode is None else (lambda im: found.encode(dp, im))
+        dec = None if found.decode is None else (lambda z: found.decode(dp, z))
+        return generate_counterfactuals(found.eps_fn(dp), lp, x, y, cfg.scale, found.schedule, cfg.ddim_steps,
+                                        cfg.depth, encode=enc, decode=dec, guide_on=cfg.guide_on)
+
+    gen = jax.jit(gen, in_shardings=(rep, rep, rep, dat, dat), out_shardings=dat)
+    n = len(x)
+    pad = (-n) % bs
+    xp = np.concatenate([x, x[:pad]]) if pad else x
+    yp = np.concatenate([y_cf, y_cf[:pad]]) if pad else y_cf
+    out = []
+    for i in tqdm(range(0, len(xp), bs), desc=desc, disable=jax.process_index() != 0):
+        out.append(to_host(gen(found.diffusion_params, found.clip_params, text_feats, xp[i:i + bs],
+                               yp[i:i + bs].astype(np.int32))))
+    return np.clip(np.concatenate(out)[:n], -1.0, 1.0)
+
+
+def cached_counterfactuals(found, x, y, text_feats, config, seed, workdir, mesh):
+    """(x_cf, y_cf), from ``workdir/counterfactuals/*.npz`` when the same settings made them before."""
+    cf = config.counterfactual
+    name = f"seed{seed}_{cf.target}_s{cf.scale:g}_d{cf.depth:g}_n{cf.ddim_steps}_{cf.guide_on}.npz"
+    path = os.path.join(workdir, "counterfactuals", name)
+    if os.path.isfile(path):
+        with np.load(path) as z:
+            if z["x"].shape == x.shape and np.array_equal(z["x"], x):
+                return z["x_cf"], z["y_cf"]
+    y_cf = np.asarray(sample_target_classes(jnp.asarray(y), text_feats, cf.target, jax.random.key(seed + 17)))
+    x_cf = counterfactuals(found, x, y_cf, text_feats, cf, mesh, desc=f"counterfactuals (seed {seed})")
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.savez_compressed(path, x=x, x_cf=x_cf, y_cf=y_cf)
+    return x_cf, y_cf
+
+
+# ----------------------------------------------------------------------------- estimation
+
+
+class PromptSetup:
+    """The frozen pieces of prompt learning for one class list (template tokens and embeddings)."""
+
+    def __init__(self, found: Foundation, class_names, n_ctx: int, max_len: int):
+        self.tmpl = build_prompt_tokens(found.tokenizer, class_names, n_ctx, max_len)
+        self.base = found.clip.token_embedding(found.clip_params, jnp.asarray(self.tmpl.token_ids))
+
+    def text_features(self, found, clip_params, prompt_params, image_feats=None):
+        return prompt_text_features(found.clip, clip_params, prompt_params, self.base, self.tmpl, image_feats)
+
+
+def train_prompts(found: Foundation, setup: PromptSetup, f_x, f_cf, y, config, seed: int, workdir: str, mesh,
+                  lam: float, desc: str):
+    """Learns the prompt context on precomputed features; only the prompt parameters train."""
+    tc = config.train
+    check_batch_divisible(tc.batch_size, mesh, "config.train.batch_size")
+    lr = optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, min(tc.warmup_steps, tc.steps), tc.steps)
+    tx = optax.sgd(lr, momentum=0.9) if tc.optimizer == "sgd" else optax.adamw(lr, weight_decay=tc.weight_decay)
+    cocoop = config.prompt.mode == "cocoop"
+    scale = found.clip.logit_scale(found.clip_params)
+
+    def init(rng):
+        return init_prompt_params(rng, found.clip, found.clip_params, found.tokenizer, len(setup.tmpl.token_ids),
+                                  config.prompt.n_ctx, config.prompt.init_text or None, config.prompt.mode)
+
+    def loss_fn(pp, batch, rng, clip_params):
+        t = setup.text_features(found, clip_params, pp, batch["f"] if cocoop else None)
+        return dicap_loss(batch["f"], batch.get("f_cf"), t, batch["y"], scale, lam, tc.tau, tc.all_classes)
+
+    state, shardings = create_train_state(init, tx, seed, mesh)
+    frozen_sh = param_shardings(jax.eval_shape(lambda: found.clip_params), mesh, config.param_sharding)
+    update = jit_update(make_update_fn(loss_fn, tx), shardings, mesh, frozen_shardings=frozen_sh)
+
+    def batch_fn(step):
+        idx = stream_indices(len(y), tc.batch_size, step, seed)
+        b = {"f": f_x[idx], "y": y[idx].astype(np.int32)}
+        if lam > 0:
+            b["f_cf"] = f_cf[idx]
+        return b
+
+    ckpt = Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
+    state = train_loop(state, update, batch_fn, tc.steps, mesh, ckpt, MetricWriter(workdir), log_every=config.log_every,
+                       desc=desc, frozen=found.clip_params)
+    ckpt.close()
+    return state.params
+
+
+def prompt_accuracy(found, setup: PromptSetup, prompt_params, feats, labels, cocoop: bool) -> float:
+    if not cocoop:
+        t = setup.text_features(found, found.clip_params, prompt_params)
+        return accuracy(class_cosines(jnp.asarray(feats), t), labels)
+    fn = jax.jit(lambda pp, f: class_cosines(f, setup.text_features(found, found.clip_params, pp, f)))
+    logits = np.concatenate([np.asarray(fn(prompt_params, feats[i:i + 64])) for i in range(0, len(feats), 64)])
+    return accuracy(logits, labels)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+class ShapesSource:
+    """The shapes world: few-shot set with a spurious background, base / novel / bias-conflicting tests."""
+
+    def __init__(self, config):
+        self.d = config.data
+        self.base_names = list(self._split("test_base").class_names)
+        self.novel_names = list(self._split("test_novel").class_names)
+        if list(self.d.base_classes) != self.base_names or list(self.d.novel_classes) != self.novel_names:
+            raise cfgs.ConfigError(f"config.data.base_classes / novel_classes must be the shapes world's split "
+                                   f"{self.base_names} / {self.novel_names}")
+
+    def _split(self, split, seed=7, **kw):
+        return shapes_dataset(split, resolution=self.d.resolution, num_per_class=self.d.test_per_class, seed=seed, **kw)
+
+    def fewshot(self, seed):
+        ds = self._split("fewshot", seed=seed, shots=self.d.shots, bias=self.d.bias)
+        arr = ds.get(np.arange(len(ds)), keys=("image", "label", "mask"))
+        return arr["image"], arr["label"], arr["mask"]
+
+    def tests(self):
+        out = {}
+        for k in ("base", "novel", "conflict"):
+            arr = (ds := self._split(f"test_{k}")).get(np.arange(len(ds)), keys=("image", "label"))
+            out[k] = (arr["image"], arr["label"])
+        return out
+
+
+class TfdsSource:
+    """A tfds dataset under the CoCoOp protocol: k shots per base class; base and novel test sets."""
+
+    def __init__(self, config):
+        from jaxcf.data.common import get_dataset
+
+        self.d = config.data
+        self.get = get_dataset
+        self.kw = dict(resolution=self.d.resolution, data_dir=self.d.data_dir or None,
+                       class_names_file=self.d.class_names_file or None)
+        self.classes = {"base": list(self.d.base_classes) or "base", "novel": list(self.d.novel_classes) or "novel"}
+        try:
+            self.base_names = list(self.get(self.d.name, split="train", classes=self.classes["base"], **self.kw).class_names)
+            self.novel_names = list(self.get(self.d.name, split="test", classes=self.classes["novel"], **self.kw).class_names)
+        except ValueError as e:
+            raise cfgs.ConfigError(f"config.data ({self.d.name}): {e}") from e
+
+    def fewshot(self, seed):
+        ds = self.get(self.d.name, split="train", classes=self.classes["base"], shots=self.d.shots, seed=seed, **self.kw)
+        arr = ds.get(np.arange(len(ds)), keys=("image", "label"))
+        counts = np.bincount(arr["label"], minlength=len(self.base_names))
+        if counts.min() < self.d.shots:
+            worst = int(np.argmin(counts))
+            raise cfgs.ConfigError(f"config.data.shots={self.d.shots} is larger than the data: class "
+                                   f"{self.base_names[worst]!r} has only {counts[worst]} training images")
+        return arr["image"], arr["label"], None
+
+    def tests(self):
+        out = {}
+        for k in ("base", "novel"):
+            ds = self.get(self.d.name, split="test", classes=self.classes[k], **self.kw)
+            n = len(ds) if not self.d.max_test_examples else min(len(ds), self.d.max_test_examples)
+            sub = ds.subset(np.sort(np.random.default_rng(7).permutation(len(ds))[:n]))  # in memory
+            arr = sub.get(np.arange(len(sub)), keys=("image", "label"))
+            out[k] = (arr["image"], arr["label"])
+        return out
+
+
+def _mean_std(rows, key):
+    v = np.array([r[key] for r in rows], np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+
+
+def run(config, workdir: str, mesh):
+    t_start = time.time()
+    source = ShapesSource(config) if config.data.name == "shapes" else TfdsSource(config)
+    first_shots = source.fewshot(config.seeds[0])  # data errors (e.g. too few shots) before any model work
+    found = build_foundation(config, workdir, mesh)
+    init_text = config.prompt.init_text
+    if init_text and len(found.tokenizer.encode(init_text)) != config.prompt.n_ctx:
+        raise cfgs.ConfigError(f"config.prompt.init_text={init_text!r} has {len(found.tokenizer.encode(init_text))} "
+                               f"tokens but config.prompt.n_ctx={config.prompt.n_ctx}; make them agree, or set "
+                               "config.prompt.init_text='' for a random init")
+    max_len = found.clip.config.text.max_position_embeddings
+    base_names, novel_names = source.base_names, source.novel_names
+    tests = source.tests()
+    test_feats = {k: encode_images(found, x) for k, (x, _) in tests.items()}
+    template = config.counterfactual.template
+    zs = {"base": template_text_features(found, base_names, template, max_len),
+          "novel": template_text_features(found, novel_names, template, max_len)}
+    setups = {"base": PromptSetup(found, base_names, config.prompt.n_ctx, max_len),
+              "novel": PromptSetup(found, novel_names, config.prompt.n_ctx, max_len)}
+    split_of = {"base": "base", "novel": "novel", "conflict": "base"}
+    cocoop = config.prompt.mode == "cocoop"
+
+    rows = []
+    grid_pairs = None
+    for seed in config.seeds:
+        x, y, mask = first_shots if seed == config.seeds[0] else source.fewshot(seed)
+        x_cf, y_cf = cached_counterfactuals(found, x, y, zs["base"], config, seed, workdir, mesh)
+        f_x, f_cf = encode_images(found, x), encode_images(found, x_cf)
+        zs_cf_logits = np.asarray(class_cosines(jnp.asarray(f_cf), zs["base"]))
+        ref_f = np.concatenate([f_x, test_feats["base"]])
+        ref_y = np.concatenate([y, tests["base"][1]])
+        norm = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+        cld = counterfactual_latent_divergence(norm(f_x), norm(f_cf), y, y_cf, norm(ref_f), ref_y)
+        row = {"seed": seed, "cf_flip_rate": flip_rate(zs_cf_logits, y_cf), "cf_cld": float(np.nanmean(cld)),
+               "cf_l1": float(np.mean(np.abs(x_cf - x)))}
+        if mask is not None:  # ground truth of the shapes world: what changed, object or background
+            m = mask[..., None]
+            row["cf_l1_object"] = float(np.sum(np.abs(x_cf - x) * m) / (3 * m.sum()))
+            row["cf_l1_background"] = float(np.sum(np.abs(x_cf - x) * (1 - m)) / (3 * (1 - m).sum()))
+        for k in tests:
+            row[f"zeroshot_{k}"] = accuracy(class_cosines(jnp.asarray(test_feats[k]), zs[split_of[k]]), tests[k][1])
+        for method, lam in (("coop", 0.0), ("dicap", config.train.lam)):
+            pp = train_prompts(found, setups["base"], f_x, f_cf, y, config, seed,
+                               os.path.join(workdir, "prompts", f"seed{seed}_{method}"), mesh, lam,
+                               desc=f"{method} prompts (seed {seed})")
+            for k in tests:
+                row[f"{method}_{k}"] = prompt_accuracy(found, setups[split_of[k]], pp, test_feats[k], tests[k][1],
+                                                       cocoop)
+        for method in ("zeroshot", "coop", "dicap"):
+            row[f"{method}_hm"] = harmonic_mean(row[f"{method}_base"], row[f"{method}_novel"])
+        rows.append(row)
+        logging.info("seed %d: %s", seed, row)
+        if grid_pairs is None:
+            grid_pairs = (x, x_cf, y, y_cf)
+
+    summary = {k: _mean_std(rows, k) for k in rows[0] if k != "seed"}
+    results = {"pipeline": "dicap", "variant": config.variant, "dataset": config.data.name, "seeds": list(config.seeds),
+               "counterfactual": config.counterfactual.to_dict(), "lam": config.train.lam, "tau": config.train.tau,
+               "shots": config.data.shots, "bias": config.data.bias, "per_seed": rows, "summary": summary,
+               "seconds": round(time.time() - t_start, 1)}
+    if jax.process_index() == 0:
+        write_report(results, grid_pairs, base_names, workdir)
+    return results
+
+
+def write_report(results, grid_pairs, base_names, workdir):
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    s = results["summary"]
+    fmt = lambda k: f"{100 * s[k]['mean']:.1f} ± {100 * s[k]['std']:.1f}"  # noqa: E731
+    cf = results["counterfactual"]
+    lines = [
+        f"DiCap ({results['variant']}, {results['dataset']}): {len(results['seeds'])} seeds, {results['shots']} shots, bias {results['bias']}, "
+        f"y_cf={cf['target']}, s={cf['scale']:g}, depth={cf['depth']:g}, lambda={results['lam']:g}",
+        "",
+        "| method | base | novel | HM | bias-conflicting |",
+        "|---|---|---|---|---|",
+    ]
+    get = lambda k: fmt(k) if k in s else "n/a"  # noqa: E731
+    num = lambda k: f"{s[k]['mean']:.3f}" if k in s else "n/a"  # noqa: E731
+    for method, label in (("zeroshot", "zero-shot CLIP"), ("coop", "CoOp"), ("dicap", "DiCap")):
+        lines.append(f"| {label} | {fmt(method + '_base')} | {fmt(method + '_novel')} | {fmt(method + '_hm')} | "
+                     f"{get(method + '_conflict')} |")
+    lines += ["", "| counterfactuals | flip rate | CLD | L1 | L1 object | L1 background |", "|---|---|---|---|---|---|",
+              f"| {cf['target']}, s={cf['scale']:g} | {fmt('cf_flip_rate')} | {num('cf_cld')} | {num('cf_l1')} | "
+              f"{num('cf_l1_object')} | {num('cf_l1_background')} |", ""]
+    text = "\n".join(lines)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(text)
+    print(text)
+    if grid_pairs is not None:
+        x, x_cf, y, y_cf = grid_pairs
+        order = np.argsort(y, kind="stable")
+        k = min(12, len(x))
+        pick = order[np.linspace(0, len(order) - 1, k).astype(int)]
+        save_grid([x[pick], x_cf[pick]], os.path.join(workdir, "counterfactuals.png"), scale=3)
+        with open(os.path.join(workdir, "counterfactuals.txt"), "w") as f:
+            f.write("top row: factual, bottom row: counterfactual\n")
+            f.write(" | ".join(f"{base_names[y[i]]} -> {base_names[y_cf[i]]}" for i in pick) + "\n")

@@ -1,0 +1,62 @@
+"""DiCap end to end on the smallest shapes world, and its input checks."""
+
+import json
+import os
+import re
+import time
+
+import numpy as np
+import pytest
+
+from jaxcf.configs import ConfigError
+from jaxcf.pipelines import run
+from tests.test_main import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DICAP = os.path.join(ROOT, "configs", "dicap.py")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("counterfactual.scale", -1.0, "config.counterfactual.scale=-1.0 must be in [0.0, inf]"),
+    ("counterfactual.depth", 0.0, "config.counterfactual.depth=0.0 must be in (0.0, 1.0]"),
+    ("counterfactual.depth", 1.2, "config.counterfactual.depth=1.2 must be in (0.0, 1.0]"),
+    ("counterfactual.target", "nearest", "config.counterfactual.target='nearest' is not allowed; allowed: 'similarity', 'random'"),
+    ("data.novel_classes", ("heart", "unicorn"), "config.data.novel_classes: unknown class name 'unicorn'"),
+    ("train.batch_size", 64, "config.train.batch_size=64 is larger than the 24 few-shot examples"),
+    ("foundation.assets", "no_such_weights", "config.foundation.assets='no_such_weights': no such folder"),
+    ("prompt.mode", "maple", "config.prompt.mode='maple' is not allowed"),
+    ("counterfactual.ddim_steps", 700, "config.counterfactual.ddim_steps=700 exceeds the 600 timesteps"),
+])
+def test_bad_input_fails_before_any_work(tmp_path, field, value, message):
+    config = load_config(DICAP, "test")
+    node = config
+    for part in field.split(".")[:-1]:
+        node = node[part]
+    node[field.split(".")[-1]] = value
+    t0 = time.time()
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run(config, str(tmp_path / "w"))
+    assert time.time() - t0 < 5
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
+def test_dicap_test_variant_end_to_end_and_rerun_reuses_everything(tmp_path):
+    config = load_config(DICAP, "test")
+    work = str(tmp_path / "run")
+    res = run(config, work)
+    for name in ("results.json", "results.md", "counterfactuals.png", "config.json"):
+        assert os.path.isfile(os.path.join(work, name)), name
+    s = res["summary"]
+    for method in ("zeroshot", "coop", "dicap"):
+        for split in ("base", "novel", "conflict", "hm"):
+            assert 0.0 <= s[f"{method}_{split}"]["mean"] <= 1.0
+    assert 0.0 <= s["cf_flip_rate"]["mean"] <= 1.0 and np.isfinite(s["cf_cld"]["mean"])
+    assert os.listdir(os.path.join(work, "counterfactuals"))  # cached
+    with open(os.path.join(work, "results.json")) as f:
+        assert json.load(f)["per_seed"][0]["seed"] == 0
+    # a rerun loads the foundation exports, cached counterfactuals and finished prompt checkpoints
+    t0 = time.time()
+    res2 = run(config, work)
+    assert res2["per_seed"] == res["per_seed"]
+    assert time.time() - t0 < res["seconds"]
