@@ -13,8 +13,30 @@ def _unet2d(cfg: dict, dtype):
     return UNet2DModel(UNet2DConfig(**cfg), dtype=dtype)
 
 
+def _diffae_unet(cfg: dict, dtype):
+    """Fields of DiffAEConfig; ``preset`` ("square", "square_tiny", "tiny") supplies the defaults."""
+    from jaxcf.models.diffae_unet import DiffAEConfig, DiffAEUNet
+
+    return DiffAEUNet(DiffAEConfig.preset(cfg.pop("preset", "square"), **cfg), dtype=dtype)
+
+
+def _resnet(cfg: dict, dtype):
+    from jaxcf.models.resnet import ResNet, ResNetConfig
+
+    return ResNet(ResNetConfig(**cfg), dtype=dtype)
+
+
+def _square_encoder(cfg: dict, dtype):
+    from jaxcf.models.encoders import SquareEncoder
+
+    return SquareEncoder(**cfg, dtype=dtype)
+
+
 MODELS = {
     "unet2d": _unet2d,
+    "diffae_unet": _diffae_unet,
+    "resnet": _resnet,
+    "square_encoder": _square_encoder,
 }
 
 
