@@ -60,3 +60,32 @@ def test_dicap_test_variant_end_to_end_and_rerun_reuses_everything(tmp_path):
     res2 = run(config, work)
     assert res2["per_seed"] == res["per_seed"]
     assert time.time() - t0 < res["seconds"]
+
+
+@pytest.mark.slow
+def test_the_config_that_made_the_shipped_weights_still_trains(tmp_path):
+    """configs/dicap.py:toy at its real model sizes, a few steps of each foundation model."""
+    import jax
+    import numpy as np
+    from flax import serialization
+
+    from jaxcf.pipelines.foundation import ASSETS, toy_foundation
+    from jaxcf.train import make_mesh
+
+    config = load_config(DICAP, "toy")
+    shipped = config.foundation.to_dict()
+    config.foundation.assets = ""
+    config.foundation.pretrain_examples = 128
+    config.foundation.clip_train.update(steps=3, batch_size=32)
+    config.foundation.unet_train.update(steps=3, batch_size=8)
+    found = toy_foundation(config, str(tmp_path), make_mesh([("data", -1)]))
+    for name, params in (("clip", found.clip_params), ("unet", found.diffusion_params)):
+        assert os.path.isfile(tmp_path / "foundation" / f"{name}.msgpack")
+        with open(os.path.join(ASSETS, shipped["assets"], f"{name}.msgpack"), "rb") as f:
+            ref = serialization.msgpack_restore(f.read())
+        # same architecture as the shipped weights: identical tree and shapes
+        assert jax.tree_util.tree_structure(jax.device_get(params)) == jax.tree_util.tree_structure(ref)
+        for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ref)):
+            assert np.shape(a) == np.shape(b)
+    rows = [json.loads(line) for line in open(tmp_path / "foundation" / "clip_run" / "metrics.jsonl")]
+    assert rows[-1]["step"] == 3 and np.isfinite(rows[-1]["loss"])

@@ -278,6 +278,19 @@ class TfdsSource:
         return out
 
 
+def _run_key(config, seed: int, method: str) -> str:
+    """A folder name per prompt-learning run: a rerun with other settings must not resume it."""
+    import hashlib
+
+    parts = {"seed": seed, "train": config.train.to_dict(), "prompt": config.prompt.to_dict(), "data": config.data.to_dict()}
+    if method == "dicap":
+        parts["counterfactual"] = config.counterfactual.to_dict()
+    else:
+        parts["train"].pop("lam")
+    digest = hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"seed{seed}_{method}_{digest}"
+
+
 def _mean_std(rows, key):
     v = np.array([r[key] for r in rows], np.float64)
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
@@ -326,7 +339,7 @@ def run(config, workdir: str, mesh):
             row[f"zeroshot_{k}"] = accuracy(class_cosines(jnp.asarray(test_feats[k]), zs[split_of[k]]), tests[k][1])
         for method, lam in (("coop", 0.0), ("dicap", config.train.lam)):
             pp = train_prompts(found, setups["base"], f_x, f_cf, y, config, seed,
-                               os.path.join(workdir, "prompts", f"seed{seed}_{method}"), mesh, lam,
+                               os.path.join(workdir, "prompts", _run_key(config, seed, method)), mesh, lam,
                                desc=f"{method} prompts (seed {seed})")
             for k in tests:
                 row[f"{method}_{k}"] = prompt_accuracy(found, setups[split_of[k]], pp, test_feats[k], tests[k][1],
