@@ -6,12 +6,19 @@ Variants (after the colon):
         pretrained by jaxcf (shipped in jaxcf/assets/shapes_toy when present, else trained in the
         workdir first). Reports zero-shot / CoOp / DiCap over 3 seeds.
   test  the smallest run that exercises every stage (CI).
+  imagenet, caltech101, oxford_pets, stanford_cars, flowers102, food101, sun397, dtd, eurosat,
+        ucf101: the paper's base-to-novel setting with CLIP ViT-B/16 and Stable Diffusion v1-4
+        (hub ids in config.foundation.*_checkpoint; tfds data prepared under config.data.data_dir).
+        Not run here (no GPU, no downloads); the code path is tested with tiny local checkpoints
+        and a tiny tfds dataset (tests/test_dicap_pretrained.py).
 
 Run it:
   locally:   python -m jaxcf.main --config=configs/dicap.py:toy --workdir=workdirs/dicap_toy
   variants:  --config.counterfactual.target=random  --config.counterfactual.scale=20  --config.seeds='(0,1,2,3)'
   GPU host:  pip install -e '.[cuda]' && python -m jaxcf.main --config=configs/dicap.py:toy --workdir=$HOME/runs/dicap_toy
-  TPU VM:    launch/tpu_vm.sh --name=$TPU --zone=$ZONE -- --config=configs/dicap.py:toy --workdir=gs://$BUCKET/dicap_toy
+  paper:     python -m jaxcf.main --config=configs/dicap.py:caltech101 --config.data.data_dir=$TFDS --workdir=$HOME/runs/caltech
+  TPU VM:    pip install -e '.[tpu]' && python -m jaxcf.main --config=configs/dicap.py:imagenet \
+               --config.data.data_dir=gs://$BUCKET/tfds --config.data.class_names_file=imagenet_names.txt --workdir=gs://$BUCKET/dicap_in
 """
 
 import ml_collections
@@ -40,6 +47,28 @@ def test(c):
     c.seeds = (0,)
     c.checkpoint_every = 3
     c.log_every = 3
+
+
+# Paper settings on the base-to-novel datasets (tfds names): CLIP ViT-B/16, Stable Diffusion 1.x
+# latents, 16 shots, M = 4, s in the paper's best range, 3 seeds. Data must be prepared in tfds
+# (config.data.data_dir); imagenet needs config.data.class_names_file (tfds has only WordNet ids).
+PAPER_DATASETS = {
+    "imagenet": "imagenet2012", "caltech101": "caltech101", "oxford_pets": "oxford_iiit_pet",
+    "stanford_cars": "cars196", "flowers102": "oxford_flowers102", "food101": "food101",
+    "sun397": "sun397", "dtd": "dtd", "eurosat": "eurosat", "ucf101": "ucf101",
+}
+
+
+def paper(tfds_name):
+    def apply(c):
+        c.data.update(name=f"tfds:{tfds_name}", resolution=512, shots=16, base_classes=(), novel_classes=(),
+                      max_test_examples=0)
+        c.foundation.kind = "pretrained"
+        c.counterfactual.update(scale=10.0, depth=0.6, ddim_steps=50, batch_size=8)
+        c.train.update(steps=1000, batch_size=32, learning_rate=2e-3, warmup_steps=50)
+        c.seeds = (1, 2, 3)
+        c.dtype = "bfloat16"
+    return apply
 
 
 def get_config(arg=None):
@@ -83,4 +112,5 @@ def get_config(arg=None):
         steps=200, batch_size=32, optimizer="sgd", learning_rate=2e-3, warmup_steps=20, weight_decay=0.0,
         lam=1.0, tau=1.0, all_classes=False))
     c.checkpoint_every = 500
-    return select_variant(arg, {"toy": toy, "test": test}, c, default="toy")
+    variants = {"toy": toy, "test": test, **{k: paper(v) for k, v in PAPER_DATASETS.items()}}
+    return select_variant(arg, variants, c, default="toy")

@@ -8,7 +8,7 @@ Variants (after the colon):
 Run it:
   locally:   python -m jaxcf.main --config=configs/diffusion.py:square_tiny --workdir=/tmp/jaxcf/diffusion
   GPU host:  pip install -e '.[cuda]' && python -m jaxcf.main --config=configs/diffusion.py:square --workdir=$HOME/runs/diffusion
-  TPU VM:    launch/tpu_vm.sh --name=$TPU --zone=$ZONE -- --config=configs/diffusion.py:square --workdir=gs://$BUCKET/diffusion
+  TPU VM:    pip install -e '.[tpu]' && python -m jaxcf.main --config=configs/diffusion.py:square --workdir=gs://$BUCKET/diffusion
 """
 
 import ml_collections

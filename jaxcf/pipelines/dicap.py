@@ -44,6 +44,7 @@ from jaxcf.train import (
     stream_indices,
     to_host,
     train_loop,
+    warmup_cosine,
 )
 from jaxcf.utils.images import save_grid
 
@@ -170,7 +171,7 @@ def train_prompts(found: Foundation, setup: PromptSetup, f_x, f_cf, y, config, s
     """Learns the prompt context on precomputed features; only the prompt parameters train."""
     tc = config.train
     check_batch_divisible(tc.batch_size, mesh, "config.train.batch_size")
-    lr = optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, min(tc.warmup_steps, tc.steps), tc.steps)
+    lr = warmup_cosine(tc.learning_rate, tc.warmup_steps, tc.steps)
     tx = optax.sgd(lr, momentum=0.9) if tc.optimizer == "sgd" else optax.adamw(lr, weight_decay=tc.weight_decay)
     cocoop = config.prompt.mode == "cocoop"
     scale = found.clip.logit_scale(found.clip_params)

@@ -34,6 +34,7 @@ from jaxcf.train import (
     stream_indices,
     to_host,
     train_loop,
+    warmup_cosine,
 )
 from jaxcf.utils.images import save_grid
 
@@ -83,8 +84,7 @@ def train_eps_model(model, schedule, dataset, train_cfg, workdir: str, mesh, *, 
     def init(rng):
         return model.init(rng, jnp.zeros((1,) + res), jnp.zeros((1,), jnp.int32))["params"]
 
-    lr = optax.warmup_cosine_decay_schedule(0.0, train_cfg.learning_rate, min(train_cfg.warmup_steps, train_cfg.steps),
-                                            train_cfg.steps, end_value=train_cfg.learning_rate * 0.1)
+    lr = warmup_cosine(train_cfg.learning_rate, train_cfg.warmup_steps, train_cfg.steps, end_fraction=0.1)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
     state, shardings = create_train_state(init, tx, seed, mesh, ema=True)
     update = jit_update(make_update_fn(eps_mse_loss(model, schedule), tx, ema_decay=train_cfg.ema_decay),

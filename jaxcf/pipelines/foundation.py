@@ -35,6 +35,7 @@ from jaxcf.train import (
     make_update_fn,
     stream_indices,
     train_loop,
+    warmup_cosine,
 )
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
@@ -124,7 +125,7 @@ def train_clip(clip: CLIP, dataset, tokenizer, cfg, workdir: str, mesh, *, seed:
     variants = caption_variants(dataset.arrays["factors"])
     n_var = len(CAPTION_TEMPLATES)
     tokens = tokenizer([c for v in variants for c in v], max_length=max_len).reshape(len(variants), n_var, max_len)
-    lr = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, min(cfg.warmup_steps, cfg.steps), cfg.steps)
+    lr = warmup_cosine(cfg.learning_rate, cfg.warmup_steps, cfg.steps)
     tx = optax.adamw(lr, weight_decay=cfg.weight_decay)
 
     def loss_fn(params, batch, rng):

@@ -48,6 +48,13 @@ def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.Gradie
     return jax.jit(init, out_shardings=shardings)(rng), shardings
 
 
+def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, end_fraction: float = 0.0):
+    """Linear warmup to ``peak`` then cosine decay to ``end_fraction * peak``; any step counts work
+    (the warmup is capped so at least one decay step remains)."""
+    warmup = max(0, min(warmup_steps, total_steps - 1))
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total_steps, end_value=peak * end_fraction)
+
+
 def make_update_fn(loss_fn: LossFn, tx: optax.GradientTransformation, ema_decay: float | None = None):
     """Pure ``update(state, batch[, frozen]) -> (state, metrics)`` for a loss over trainable params.
 
