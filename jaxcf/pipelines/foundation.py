@@ -59,6 +59,13 @@ class Foundation:
     clip_image_size: int
     encode: Optional[Callable] = None
     decode: Optional[Callable] = None
+    _image_features: Optional[Callable] = dataclasses.field(default=None, init=False, repr=False)
+
+    def image_features_fn(self) -> Callable:
+        """``jit((clip_params, images in [-1, 1]) -> features)``, built once per foundation."""
+        if self._image_features is None:
+            self._image_features = jax.jit(lambda p, x: self.clip.encode_image(p, self.to_clip(x)))
+        return self._image_features
 
     def to_clip(self, images):
         """[B, H, W, 3] in [-1, 1] -> CLIP input (differentiable)."""
@@ -247,7 +254,17 @@ def template_text_features(found: Foundation, class_names, template: str, max_le
 
 
 def encode_images(found: Foundation, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """CLIP image features [N, P] of images [N, H, W, 3] in [-1, 1], in batches."""
-    fn = jax.jit(lambda p, x: found.clip.encode_image(p, found.to_clip(x)))
-    out = [np.asarray(fn(found.clip_params, images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
+    """CLIP image features [N, P] of images [N, H, W, 3] in [-1, 1], in batches.
+
+    Every batch is padded to ``batch_size`` rows, so the image tower compiles once per image shape
+    however many sets (tests, shots, counterfactuals) are encoded.
+    """
+    fn = found.image_features_fn()
+    out = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        pad = batch_size - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+        out.append(np.asarray(fn(found.clip_params, chunk))[:batch_size - pad])
     return np.concatenate(out) if out else np.zeros((0, found.clip.config.projection_dim), np.float32)
