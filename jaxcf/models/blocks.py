@@ -34,6 +34,14 @@ SUPPORTED_ACTIVATIONS = ("silu", "swish")
 # ---------------------------------------------------------------------------------------------
 
 
+def config_from_diffusers(cls, config: Mapping[str, Any], unsupported: Mapping[str, Sequence[Any]]):
+    """Builds the config dataclass ``cls`` from a diffusers ``config.json`` dict: unsupported
+    settings raise a ValueError naming them; keys ``cls`` does not have are ignored; lists -> tuples."""
+    check_supported(cls.__name__, config, unsupported)
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: as_tuple(v) for k, v in config.items() if k in names})
+
+
 def as_tuple(value: Any) -> Any:
     """JSON lists -> tuples (recursively), so configs stay hashable."""
     if isinstance(value, (list, tuple)):

@@ -84,9 +84,7 @@ class UNet2DConfig:
     @classmethod
     def from_diffusers(cls, config: dict) -> "UNet2DConfig":
         """From a diffusers ``config.json`` dict; unsupported settings raise a ValueError naming them."""
-        blocks.check_supported(cls.__name__, config, _UNSUPPORTED)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: blocks.as_tuple(v) for k, v in config.items() if k in names})
+        return blocks.config_from_diffusers(cls, config, _UNSUPPORTED)
 
     @classmethod
     def tiny(cls, **overrides) -> "UNet2DConfig":

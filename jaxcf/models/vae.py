@@ -66,9 +66,7 @@ class AutoencoderKLConfig:
     @classmethod
     def from_diffusers(cls, config: dict) -> "AutoencoderKLConfig":
         """From a diffusers ``config.json`` dict; unsupported settings raise a ValueError naming them."""
-        blocks.check_supported(cls.__name__, config, _UNSUPPORTED)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: blocks.as_tuple(v) for k, v in config.items() if k in names})
+        return blocks.config_from_diffusers(cls, config, _UNSUPPORTED)
 
     @classmethod
     def tiny(cls, levels: int = 2, **overrides) -> "AutoencoderKLConfig":
