@@ -1,4 +1,4 @@
-"""The command line: bad input fails fast with a clear message; a killed run resumes exactly."""
+"""The command line: bad input fails fast with a clear message; a preempted or killed run resumes exactly."""
 
 import os
 import signal
@@ -89,28 +89,55 @@ def _final_params(workdir):
     return last, ocp.StandardCheckpointer().restore(os.path.join(ckpt, str(last), "default"))
 
 
-@pytest.mark.slow
-def test_killed_run_resumes_to_the_same_parameters(tmp_path):
-    args = [f"--config={DIFFUSION}:test", "--config.train.steps=10", "--config.checkpoint_every=2",
-            "--config.keep_checkpoints=10"]
-    ref = run_main(*args, f"--workdir={tmp_path / 'ref'}", timeout=400)
-    assert ref.returncode == 0, ref.stderr[-2000:]
+def _steps(workdir):
+    """Committed checkpoint steps in ``workdir/checkpoints``."""
+    ckpt = workdir / "checkpoints"
+    return sorted(int(s) for s in os.listdir(ckpt) if s.isdigit() and (ckpt / s / "commit_success.txt").exists()) \
+        if ckpt.exists() else []
 
-    work = tmp_path / "killed"
-    proc = subprocess.Popen(main_cmd(*args, f"--workdir={work}"), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    deadline = time.time() + 300
-    while not (work / "checkpoints" / "4" / "commit_success.txt").exists():
-        assert proc.poll() is None, "run ended before it could be killed"
-        assert time.time() < deadline
+
+def _wait_for_checkpoint_after(proc, workdir, step, timeout=300):
+    deadline = time.time() + timeout
+    while not [s for s in _steps(workdir) if s > step]:
+        assert proc.poll() is None, "run ended before it could be interrupted"
+        assert time.time() < deadline, f"no checkpoint after step {step} in {timeout} s"
         time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    steps_before = sorted(int(s) for s in os.listdir(work / "checkpoints") if s.isdigit())
-    assert steps_before and max(steps_before) < 10, steps_before  # really killed mid-way
 
-    resumed = run_main(*args, f"--workdir={work}", timeout=400)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+def _first_logged_step(workdir, after_line):
+    from jaxcf.train import read_metrics
+
+    return read_metrics(str(workdir / "metrics.jsonl"))[after_line]["step"]
+
+
+def _num_logged(workdir):
+    path = workdir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.mark.slow
+def test_preempted_and_killed_runs_resume_to_the_same_parameters(tmp_path):
+    """One workdir, interrupted twice with real signals, against an uninterrupted reference run:
+    SIGTERM (preemption: checkpoint, message, exit code 0), then SIGKILL (no warning) of the resumed
+    run, then a rerun that finishes. Each rerun continues from the last checkpoint, not step 0, and
+    the final parameters equal the reference's. The reference runs alongside (one test, one reference)."""
+    # a one-level UNet: each of the four launches compiles in about half the time of the :test model's
+    one_level = ["--config.model.config.block_out_channels=(8,)",
+                 "--config.model.config.down_block_types=('DownBlock2D',)",
+                 "--config.model.config.up_block_types=('UpBlock2D',)"]
+    args = [f"--config={DIFFUSION}:test", "--config.train.steps=10", "--config.checkpoint_every=2",
+            "--config.keep_checkpoints=10", *one_level]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    with open(tmp_path / "ref.log", "w") as ref_log:
+        ref = subprocess.Popen(main_cmd(*args, f"--workdir={tmp_path / 'ref'}"), cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=ref_log)
+    try:
+        _interrupt_twice_and_finish(tmp_path / "interrupted", args, env)
+        assert ref.wait(timeout=400) == 0, (tmp_path / "ref.log").read_text()[-2000:]
+    finally:
+        if ref.poll() is None:
+            ref.kill()
+    work = tmp_path / "interrupted"
     step_a, a = _final_params(tmp_path / "ref")
     step_b, b = _final_params(work)
     assert step_a == step_b == 10
@@ -119,3 +146,35 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     for x, y in zip(jax.tree_util.tree_leaves(a["params"]), jax.tree_util.tree_leaves(b["params"])):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
     assert (work / "results.json").exists() and (work / "samples.png").exists()
+
+
+def _interrupt_twice_and_finish(work, args, env):
+    log_path = work.parent / "term.log"
+
+    # 1. SIGTERM after the first checkpoint: the loop saves the step it is at and exits cleanly
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(main_cmd(*args, f"--workdir={work}"), cwd=ROOT, env=env, stdout=log, stderr=log)
+        _wait_for_checkpoint_after(proc, work, 0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log_path.read_text()[-2000:]
+    term_step = max(_steps(work))
+    out = log_path.read_text()
+    assert f"SIGTERM at step {term_step}; checkpoint saved in" in out, out[-2000:]
+    assert 2 <= term_step < 10 and not (work / "results.json").exists()  # stopped mid-way, nothing evaluated
+
+    # 2. rerun: resumes from the SIGTERM checkpoint; killed without warning after its next checkpoint
+    logged = _num_logged(work)
+    proc = subprocess.Popen(main_cmd(*args, f"--workdir={work}"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _wait_for_checkpoint_after(proc, work, term_step)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kill_step = max(_steps(work))
+    assert term_step < kill_step < 10, (term_step, kill_step)  # really killed mid-way
+    assert _first_logged_step(work, logged) > term_step  # continued, did not start again at step 0
+
+    # 3. rerun: resumes from the last checkpoint before the kill and finishes
+    logged = _num_logged(work)
+    resumed = run_main(*args, f"--workdir={work}", timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _first_logged_step(work, logged) > kill_step

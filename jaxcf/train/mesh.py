@@ -112,7 +112,14 @@ def to_host(tree: Any) -> Any:
 
 
 def cast_floating(tree: Any, dtype) -> Any:
-    """Casts the floating-point leaves of a tree (e.g. frozen params to bfloat16)."""
-    return jax.tree_util.tree_map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x, tree
-    )
+    """Casts the floating-point leaves of a tree (e.g. frozen params to bfloat16).
+
+    numpy leaves are cast on the host (no device copy); jax arrays keep their sharding.
+    """
+
+    def cast(x):
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            return x
+        return x.astype(dtype) if hasattr(x, "astype") else jnp.asarray(x, dtype)
+
+    return jax.tree_util.tree_map(cast, tree)

@@ -1,14 +1,18 @@
-"""Per-step metrics as JSON lines in the workdir (and TensorBoard when it is installed)."""
+"""Per-step metrics as JSON lines in the workdir (and TensorBoard when it is installed).
+
+The workdir may be a local folder or a bucket (``gs://...``): files go through :mod:`jaxcf.utils.io`.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+
+from jaxcf.utils import io
 
 
 def _scalar(v):
@@ -21,15 +25,15 @@ class MetricWriter:
 
     def __init__(self, workdir: str, filename: str = "metrics.jsonl", tensorboard: bool = False):
         self.active = jax.process_index() == 0
-        self.path = os.path.join(workdir, filename)
+        self.path = io.join(workdir, filename)
         self._tb = None
         if self.active:
-            os.makedirs(workdir, exist_ok=True)
+            io.makedirs(workdir)
             if tensorboard:
                 try:
                     from tensorboardX import SummaryWriter  # light, optional
 
-                    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                    self._tb = SummaryWriter(io.join(workdir, "tensorboard"))
                 except ImportError:
                     self._tb = None
 
@@ -37,8 +41,7 @@ class MetricWriter:
         if not self.active:
             return
         row = {"step": int(step), "time": time.time(), **{k: _scalar(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        io.append_text(self.path, json.dumps(row) + "\n")
         if self._tb is not None:
             for k, v in row.items():
                 if k not in ("step", "time") and isinstance(v, (int, float)):
@@ -50,5 +53,4 @@ class MetricWriter:
 
 
 def read_metrics(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in io.read_text(path).splitlines() if line.strip()]

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import os
+import io as _io
 
 import numpy as np
 from PIL import Image
 
 from jaxcf.data.common import to_uint8
-
-
+from jaxcf.utils import io
 
 
 def save_grid(rows, path: str, scale: int = 1, pad: int = 2) -> str:
-    """Saves a grid PNG. rows: [R, C, H, W, 3] in [-1, 1] (or a list of [C, H, W, 3] rows)."""
+    """Saves a grid PNG to a local or bucket path. rows: [R, C, H, W, 3] in [-1, 1] (or a list of [C, H, W, 3] rows)."""
     rows = [to_uint8(r) for r in rows]
     R, C = len(rows), max(len(r) for r in rows)
     H, W = rows[0].shape[1:3]
@@ -25,6 +24,7 @@ def save_grid(rows, path: str, scale: int = 1, pad: int = 2) -> str:
     im = Image.fromarray(grid)
     if scale != 1:
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    im.save(path)
+    buf = _io.BytesIO()
+    im.save(buf, format="PNG")
+    io.write_bytes(path, buf.getvalue())
     return path
