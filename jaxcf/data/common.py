@@ -59,6 +59,17 @@ def finalize_batch(batch: Mapping[str, np.ndarray], keys: Sequence[str] | None =
 # ----------------------------------------------------------------------------- classes
 
 
+def padded_batches(x: np.ndarray, batch_size: int):
+    """Yields (chunk, n) over x's first axis: every chunk has ``batch_size`` rows (the last padded by
+    repeating its final row) so a jitted function compiles once; the first n rows are real."""
+    for i in range(0, len(x), batch_size):
+        chunk = x[i:i + batch_size]
+        n = len(chunk)
+        if n < batch_size:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
+        yield chunk, n
+
+
 def base_novel_split(num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """CoCoOp split of the label order: base = first ceil(n/2) classes, novel = the rest."""
     m = math.ceil(num_classes / 2)

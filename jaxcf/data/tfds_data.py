@@ -374,6 +374,19 @@ class TfdsDataset:
                             else np.zeros((0,), np.int32))
         return self._labels
 
+    def column(self, key: str) -> np.ndarray:
+        """int32 [N] of a per-example field ("label", "confounder", "group") in unshuffled order,
+        decoding no image (e.g. to pick a poisoned subset of celeb_a by group)."""
+        if key == "label":
+            return self.labels
+        if not self._attr or self._attr[1] is None or key not in ("confounder", "group"):
+            raise ValueError(f"column {key!r} is not available for tfds {self.name!r}; allowed: label"
+                             + (", confounder, group" if self._attr and self._attr[1] else
+                                " (confounder and group need celeb_a with confounder_attribute)"))
+        ds = self._read(labels_only=True).map(lambda ex: ex[key]).batch(4096)
+        chunks = list(ds.as_numpy_iterator())
+        return np.concatenate(chunks).astype(np.int32) if chunks else np.zeros((0,), np.int32)
+
     def __len__(self) -> int:
         if (self._table >= 0).all():  # nothing filtered: tfds knows the count
             return int(self._builder.info.splits[self.split].num_examples)

@@ -92,6 +92,37 @@ def boundary_inversion(z, w, atoms, lam: float = 2.0, eps: float = 1e-6):
     return z[None] - lam * jnp.einsum("b,k,dk->kbd", wz, step, atoms), valid
 
 
+def reflection_edit(omega):
+    """Reflections of all K atoms in the linear form of :func:`apply_atom_edits`: (U, V, alpha)."""
+    return omega, omega, jnp.full((omega.shape[1],), 2.0, omega.dtype)
+
+
+def boundary_edit(w, atoms, lam: float = 2.0, eps: float = 1e-6):
+    """Algorithm 2 in the linear form of :func:`apply_atom_edits`: returns ((U, V, alpha), valid [K]).
+
+    Same checks and guard as :func:`boundary_inversion`; invalid atoms get alpha = 0 (no edit).
+    """
+    wu = atoms.T @ w  # [K]
+    valid = jnp.abs(wu) >= eps
+    if not isinstance(wu, jax.core.Tracer) and not bool(jnp.any(valid)):
+        raise ValueError(f"the probe is orthogonal to every atom (|w.u_k| < {eps} for all K={atoms.shape[1]}): "
+                         "no atom can move its decision; use other atoms or another probe")
+    alpha = jnp.where(valid, lam / jnp.where(valid, wu, 1.0), 0.0)
+    V = jnp.broadcast_to(w[:, None], atoms.shape)
+    return (atoms, V, alpha), valid
+
+
+def apply_atom_edits(z, mu, U, V, alpha):
+    """The form every DiDAE edit shares: z'_k = z - alpha_k ((z - mu) . v_k) u_k, for k = 1..K.
+
+    Reflection: v_k = u_k = omega_k, alpha_k = 2. Algorithm 2 on centred codes: v_k = w,
+    alpha_k = lam / (w . u_k). One compiled decoder program serves both (only arrays change).
+    z: [B, D]; mu: [D]; U, V: [D, K]; alpha: [K] -> [K, B, D].
+    """
+    s = ((z - mu) @ V) * alpha  # [B, K]
+    return z[None] - jnp.einsum("bk,dk->kbd", s, U)
+
+
 def project_out(phi, Q):
     """The projection baseline: phi - Q Q^T phi removes the span of Q [D, J] from phi [B, D]."""
     return phi - (phi @ Q) @ Q.T

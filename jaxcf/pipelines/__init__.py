@@ -5,14 +5,14 @@ from __future__ import annotations
 import importlib
 import os
 
-import jax
-
 from jaxcf.configs import ConfigError, validate_common
+from jaxcf.utils import io
 
 # name -> "module:function"; each module also has validate(config), called before any work.
 PIPELINES = {
     "diffusion": "jaxcf.pipelines.diffusion",
     "dicap": "jaxcf.pipelines.dicap",
+    "didae": "jaxcf.pipelines.didae",
 }
 
 
@@ -45,8 +45,11 @@ def run(config, workdir: str):
         mesh = make_mesh(config.mesh)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    if jax.process_index() == 0 and "://" not in workdir:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    write_config(config, workdir)
     return pipeline.run(config, workdir, mesh)
+
+
+def write_config(config, workdir: str) -> None:
+    """``workdir/config.json`` (local or ``gs://``), written by process 0: what the run was asked to do."""
+    if io.is_writer():
+        io.write_text(io.join(workdir, "config.json"), config.to_json_best_effort(indent=2))

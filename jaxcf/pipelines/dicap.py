@@ -46,6 +46,7 @@ from jaxcf.train import (
     train_loop,
     warmup_cosine,
 )
+from jaxcf.utils import io
 from jaxcf.utils.images import save_grid
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -130,8 +131,8 @@ def counterfactuals(found: Foundation, x: np.ndarray, y_cf: np.ndarray, text_fea
     yp = np.concatenate([y_cf, y_cf[:pad]]) if pad else y_cf
     out = []
     for i in tqdm(range(0, len(xp), bs), desc=desc, disable=jax.process_index() != 0):
-        out.append(to_host(gen(found.diffusion_params, found.clip_params, text_feats, xp[i:i + bs],
-                               yp[i:i + bs].astype(np.int32))))
+        xb, yb = jax.device_put((xp[i:i + bs], yp[i:i + bs].astype(np.int32)), dat)  # each process: its rows
+        out.append(to_host(gen(found.diffusion_params, found.clip_params, text_feats, xb, yb)))
     return np.clip(np.concatenate(out)[:n], -1.0, 1.0)
 
 
@@ -139,16 +140,15 @@ def cached_counterfactuals(found, x, y, text_feats, config, seed, workdir, mesh)
     """(x_cf, y_cf), from ``workdir/counterfactuals/*.npz`` when the same settings made them before."""
     cf = config.counterfactual
     name = f"seed{seed}_{cf.target}_s{cf.scale:g}_d{cf.depth:g}_n{cf.ddim_steps}_{cf.guide_on}.npz"
-    path = os.path.join(workdir, "counterfactuals", name)
-    if os.path.isfile(path):
-        with np.load(path) as z:
-            if z["x"].shape == x.shape and np.array_equal(z["x"], x):
-                return z["x_cf"], z["y_cf"]
+    path = io.join(workdir, "counterfactuals", name)
+    if io.exists(path):
+        z = io.read_npz(path)
+        if z["x"].shape == x.shape and np.array_equal(z["x"], x):
+            return z["x_cf"], z["y_cf"]
     y_cf = np.asarray(sample_target_classes(jnp.asarray(y), text_feats, cf.target, jax.random.key(seed + 17)))
     x_cf = counterfactuals(found, x, y_cf, text_feats, cf, mesh, desc=f"counterfactuals (seed {seed})")
-    if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        np.savez_compressed(path, x=x, x_cf=x_cf, y_cf=y_cf)
+    if io.is_writer():
+        io.write_npz(path, x=x, x_cf=x_cf, y_cf=y_cf)
     return x_cf, y_cf
 
 
@@ -180,12 +180,17 @@ def train_prompts(found: Foundation, setup: PromptSetup, f_x, f_cf, y, config, s
         return init_prompt_params(rng, found.clip, found.clip_params, found.tokenizer, len(setup.tmpl.token_ids),
                                   config.prompt.n_ctx, config.prompt.init_text or None, config.prompt.mode)
 
-    def loss_fn(pp, batch, rng, clip_params):
-        t = setup.text_features(found, clip_params, pp, batch["f"] if cocoop else None)
+    def loss_fn(pp, batch, rng, frozen):
+        # the template embeddings ([C, L, D]; large for ImageNet) come in with the frozen CLIP params
+        # as an argument rather than as a constant baked into the compiled step
+        t = prompt_text_features(found.clip, frozen["clip"], pp, frozen["base"], setup.tmpl,
+                                 batch["f"] if cocoop else None)
         return dicap_loss(batch["f"], batch.get("f_cf"), t, batch["y"], scale, lam, tc.tau, tc.all_classes)
 
     state, shardings = create_train_state(init, tx, seed, mesh)
-    frozen_sh = param_shardings(jax.eval_shape(lambda: found.clip_params), mesh, config.param_sharding)
+    frozen = {"clip": found.clip_params, "base": setup.base}
+    frozen_sh = {"clip": param_shardings(jax.eval_shape(lambda: found.clip_params), mesh, config.param_sharding),
+                 "base": replicated(mesh)}
     update = jit_update(make_update_fn(loss_fn, tx), shardings, mesh, frozen_shardings=frozen_sh)
 
     def batch_fn(step):
@@ -197,7 +202,7 @@ def train_prompts(found: Foundation, setup: PromptSetup, f_x, f_cf, y, config, s
 
     ckpt = Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
     state = train_loop(state, update, batch_fn, tc.steps, mesh, ckpt, MetricWriter(workdir), log_every=config.log_every,
-                       desc=desc, frozen=found.clip_params)
+                       desc=desc, frozen=jax.device_put(frozen, frozen_sh))
     ckpt.close()
     return state.params
 
@@ -340,7 +345,7 @@ def run(config, workdir: str, mesh):
             row[f"zeroshot_{k}"] = accuracy(class_cosines(jnp.asarray(test_feats[k]), zs[split_of[k]]), tests[k][1])
         for method, lam in (("coop", 0.0), ("dicap", config.train.lam)):
             pp = train_prompts(found, setups["base"], f_x, f_cf, y, config, seed,
-                               os.path.join(workdir, "prompts", _run_key(config, seed, method)), mesh, lam,
+                               io.join(workdir, "prompts", _run_key(config, seed, method)), mesh, lam,
                                desc=f"{method} prompts (seed {seed})")
             for k in tests:
                 row[f"{method}_{k}"] = prompt_accuracy(found, setups[split_of[k]], pp, test_feats[k], tests[k][1],
@@ -363,8 +368,7 @@ def run(config, workdir: str, mesh):
 
 
 def write_report(results, grid_pairs, base_names, workdir):
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    io.write_json(io.join(workdir, "results.json"), results)
     s = results["summary"]
     fmt = lambda k: f"{100 * s[k]['mean']:.1f} ± {100 * s[k]['std']:.1f}"  # noqa: E731
     cf = results["counterfactual"]
@@ -384,15 +388,14 @@ def write_report(results, grid_pairs, base_names, workdir):
               f"| {cf['target']}, s={cf['scale']:g} | {fmt('cf_flip_rate')} | {num('cf_cld')} | {num('cf_l1')} | "
               f"{num('cf_l1_object')} | {num('cf_l1_background')} |", ""]
     text = "\n".join(lines)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(text)
+    io.write_text(io.join(workdir, "results.md"), text)
     print(text)
     if grid_pairs is not None:
         x, x_cf, y, y_cf = grid_pairs
         order = np.argsort(y, kind="stable")
         k = min(12, len(x))
         pick = order[np.linspace(0, len(order) - 1, k).astype(int)]
-        save_grid([x[pick], x_cf[pick]], os.path.join(workdir, "counterfactuals.png"), scale=3)
-        with open(os.path.join(workdir, "counterfactuals.txt"), "w") as f:
-            f.write("top row: factual, bottom row: counterfactual\n")
-            f.write(" | ".join(f"{base_names[y[i]]} -> {base_names[y_cf[i]]}" for i in pick) + "\n")
+        save_grid([x[pick], x_cf[pick]], io.join(workdir, "counterfactuals.png"), scale=3)
+        pairs = " | ".join(f"{base_names[y[i]]} -> {base_names[y_cf[i]]}" for i in pick)
+        io.write_text(io.join(workdir, "counterfactuals.txt"),
+                      f"top row: factual, bottom row: counterfactual\n{pairs}\n")

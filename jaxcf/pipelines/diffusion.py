@@ -8,8 +8,6 @@ Outputs in the workdir: metrics.jsonl, checkpoints/, samples.png, reconstruction
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import jax
@@ -21,6 +19,7 @@ from absl import logging
 from jaxcf import configs as cfgs
 from jaxcf.data.common import get_dataset
 from jaxcf.diffusion import SCHEDULES, ddim_invert, ddim_sample, make_schedule
+from jaxcf.models.init import fast_init
 from jaxcf.models.registry import build_model
 from jaxcf.train import (
     Checkpointer,
@@ -36,6 +35,7 @@ from jaxcf.train import (
     train_loop,
     warmup_cosine,
 )
+from jaxcf.utils import io
 from jaxcf.utils.images import save_grid
 
 
@@ -55,40 +55,56 @@ def validate(config) -> None:
     build_model(config.model.name, config.model.config, config.dtype)  # unknown name or field -> ConfigError
 
 
-def eps_mse_loss(model, schedule):
-    """The DDPM objective: || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2, t ~ U{0..T-1}."""
+def eps_mse_loss(model, schedule, cond_fn=None):
+    """The DDPM objective: || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, *cond) ||^2, t ~ U{0..T-1}.
 
-    def loss_fn(params, batch, rng):
+    ``cond_fn(batch, *frozen) -> tuple`` gives the extra model inputs (DiDAE: the semantic code
+    z = Phi(x0) of a frozen encoder whose params come in as ``frozen``); default none.
+    """
+
+    def loss_fn(params, batch, rng, *frozen):
         x0 = batch["image"]
+        cond = tuple(cond_fn(batch, *frozen)) if cond_fn is not None else ()
+        cond = jax.lax.stop_gradient(cond)
         k_t, k_e = jax.random.split(rng)
         t = jax.random.randint(k_t, (x0.shape[0],), 0, schedule.num_train_timesteps)
         eps = jax.random.normal(k_e, x0.shape)
         a = schedule.alphas_cumprod[t][:, None, None, None]
         x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * eps
-        pred = model.apply({"params": params}, x_t, t, *batch.get("cond", ()))
+        pred = model.apply({"params": params}, x_t, t, *cond)
         return jnp.mean((pred.astype(jnp.float32) - eps) ** 2), {}
 
     return loss_fn
 
 
 def train_eps_model(model, schedule, dataset, train_cfg, workdir: str, mesh, *, seed: int, log_every: int,
-                    checkpoint_every: int, keep: int, desc: str = "diffusion"):
-    """Trains ``model`` (an eps-model ``apply(x_t, t)``) on ``dataset`` images; returns EMA params.
+                    checkpoint_every: int, keep: int, desc: str = "diffusion", init_params=None, cond_fn=None,
+                    frozen=None):
+    """Trains ``model`` (an eps-model ``apply(x_t, t, *cond)``) on ``dataset`` images; returns EMA params.
 
     Resumes from ``workdir/checkpoints`` if present. ``train_cfg``: steps, batch_size,
-    learning_rate, warmup_steps, ema_decay.
+    learning_rate, warmup_steps, ema_decay, optional weights ("ema", the default, or "final": the
+    last iterate instead of the average). ``init_params``: ready-made params or a traceable
+    ``rng -> params`` (default :func:`jaxcf.models.init.fast_init` on an unconditional input);
+    ``cond_fn`` and ``frozen`` as in :func:`eps_mse_loss` (frozen params are
+    passed to the jitted step as a replicated argument).
     """
     check_batch_divisible(train_cfg.batch_size, mesh, "config.train.batch_size")
     res = dataset.get([0])["image"].shape[1:]
 
-    def init(rng):
-        return model.init(rng, jnp.zeros((1,) + res), jnp.zeros((1,), jnp.int32))["params"]
+    if init_params is None:  # flax's default distributions in one draw (model.init compiles for minutes on CPU)
+        init_params = fast_init(model, jax.ShapeDtypeStruct((1,) + res, jnp.float32),
+                                jax.ShapeDtypeStruct((1,), jnp.int32), rng=jax.random.key(seed))["params"]
 
     lr = warmup_cosine(train_cfg.learning_rate, train_cfg.warmup_steps, train_cfg.steps, end_fraction=0.1)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
-    state, shardings = create_train_state(init, tx, seed, mesh, ema=True)
-    update = jit_update(make_update_fn(eps_mse_loss(model, schedule), tx, ema_decay=train_cfg.ema_decay),
-                        shardings, mesh)
+    state, shardings = create_train_state(init_params, tx, seed, mesh, ema=True)
+    frozen_shardings = None
+    if frozen is not None:
+        frozen_shardings = jax.tree_util.tree_map(lambda _: replicated(mesh), frozen)
+        frozen = jax.device_put(frozen, frozen_shardings)  # once, not on every step
+    update = jit_update(make_update_fn(eps_mse_loss(model, schedule, cond_fn), tx, ema_decay=train_cfg.ema_decay),
+                        shardings, mesh, frozen_shardings=frozen_shardings)
 
     def batch_fn(step):
         idx = stream_indices(len(dataset), train_cfg.batch_size, step, seed)
@@ -96,10 +112,11 @@ def train_eps_model(model, schedule, dataset, train_cfg, workdir: str, mesh, *, 
 
     ckpt = Checkpointer(workdir, every=checkpoint_every, keep=keep)
     writer = MetricWriter(workdir)
-    state = train_loop(state, update, batch_fn, train_cfg.steps, mesh, ckpt, writer, log_every=log_every, desc=desc)
+    state = train_loop(state, update, batch_fn, train_cfg.steps, mesh, ckpt, writer, log_every=log_every, desc=desc,
+                       frozen=frozen)
     ckpt.close()
     writer.close()
-    return state.ema_params
+    return state.ema_params if train_cfg.get("weights", "ema") == "ema" else state.params
 
 
 def make_codec(model, schedule, num_steps: int, depth: float, mesh):
@@ -130,14 +147,15 @@ def run(config, workdir: str, mesh):
     invert, sample = make_codec(model, schedule, config.eval.ddim_steps, config.eval.depth, mesh)
     x0 = dataset.get(np.arange(n) % len(dataset))["image"]
     t1 = time.time()
-    x_T = invert(params, x0)
+    # Every process holds the same full x0; device_put hands each its own rows (multi-host safe).
+    x_T = invert(params, jax.device_put(x0, data_sharding(mesh)))
     rec = sample(params, x_T)
     rec, x_T = to_host(rec), to_host(x_T)
     codec_time = time.time() - t1
     noise = jax.random.normal(jax.random.key(config.seed + 1), x0.shape)
     if config.eval.depth != 1.0:  # samples from pure noise need the full-depth sampler
         sample = make_codec(model, schedule, config.eval.ddim_steps, 1.0, mesh)[1]
-    samples = to_host(sample(params, noise))
+    samples = to_host(sample(params, jax.device_put(np.asarray(noise), data_sharding(mesh))))
 
     results = {
         "pipeline": "diffusion",
@@ -153,10 +171,9 @@ def run(config, workdir: str, mesh):
     }
     if jax.process_index() == 0:
         k = min(n, 8)
-        save_grid([x0[:k], np.clip(x_T[:k] / 3, -1, 1), rec[:k]], os.path.join(workdir, "reconstructions.png"), scale=2)
-        save_grid([samples[:k]], os.path.join(workdir, "samples.png"), scale=2)
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        save_grid([x0[:k], np.clip(x_T[:k] / 3, -1, 1), rec[:k]], io.join(workdir, "reconstructions.png"), scale=2)
+        save_grid([samples[:k]], io.join(workdir, "samples.png"), scale=2)
+        io.write_json(io.join(workdir, "results.json"), results)
         logging.info("results: %s", results)
         print("\n".join(f"{k:>28s}  {v}" for k, v in results.items()))
     return results

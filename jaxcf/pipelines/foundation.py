@@ -37,6 +37,8 @@ from jaxcf.train import (
     train_loop,
     warmup_cosine,
 )
+from jaxcf.train.precision import compute_dtype, frozen_params
+from jaxcf.utils import io
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
@@ -48,6 +50,8 @@ class Foundation:
     ``eps_apply(diffusion_params, x_t, t) -> eps``; for a latent model ``encode(diffusion_params, x)``
     and ``decode(diffusion_params, z)`` map images in [-1, 1] to scaled latents and back. The
     parameters are passed in (never closed over), so jitted code takes them as arguments.
+    With ``config.dtype = "bfloat16"`` the models and their parameters are bfloat16; the CLIP
+    features, latents and decoded images they hand out are float32 (:mod:`jaxcf.train.precision`).
     """
 
     clip: CLIP
@@ -64,7 +68,8 @@ class Foundation:
     def image_features_fn(self) -> Callable:
         """``jit((clip_params, images in [-1, 1]) -> features)``, built once per foundation."""
         if self._image_features is None:
-            self._image_features = jax.jit(lambda p, x: self.clip.encode_image(p, self.to_clip(x)))
+            self._image_features = jax.jit(
+                lambda p, x: self.clip.encode_image(p, self.to_clip(x)).astype(jnp.float32))
         return self._image_features
 
     def to_clip(self, images):
@@ -83,23 +88,19 @@ def world_tokenizer() -> WordTokenizer:
 
 
 def _export(path: str, params, meta: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".msgpack", "wb") as f:
-        f.write(serialization.to_bytes(jax.device_get(params)))
-    with open(path + ".json", "w") as f:
-        json.dump(meta, f, indent=1, sort_keys=True)
+    """``path.msgpack`` (params) and ``path.json`` (the config that made them); local or ``gs://``."""
+    io.write_bytes(path + ".msgpack", serialization.to_bytes(jax.device_get(params)))
+    io.write_text(path + ".json", json.dumps(meta, indent=1, sort_keys=True))
 
 
 def _import(path: str, template, meta: dict):
     """Params from ``path.msgpack`` when ``path.json`` equals ``meta``; else None."""
-    if not (os.path.isfile(path + ".msgpack") and os.path.isfile(path + ".json")):
+    if not (io.exists(path + ".msgpack") and io.exists(path + ".json")):
         return None
-    with open(path + ".json") as f:
-        if json.load(f) != json.loads(json.dumps(meta, sort_keys=True)):
-            logging.warning("%s was made with another config; training instead", path)
-            return None
-    with open(path + ".msgpack", "rb") as f:
-        return serialization.from_bytes(template, f.read())
+    if io.read_json(path + ".json") != json.loads(json.dumps(meta, sort_keys=True)):
+        logging.warning("%s was made with another config; training instead", path)
+        return None
+    return serialization.from_bytes(template, io.read_bytes(path + ".msgpack"))
 
 
 CAPTION_TEMPLATES = (
@@ -156,9 +157,13 @@ def train_clip(clip: CLIP, dataset, tokenizer, cfg, workdir: str, mesh, *, seed:
 
 
 def toy_foundation(config, workdir: str, mesh) -> Foundation:
-    """Tiny CLIP + tiny pixel diffusion model for the shapes world: shipped, cached, or trained here."""
+    """Tiny CLIP + tiny pixel diffusion model for the shapes world: shipped, cached, or trained here.
+
+    They are trained (and exported) in float32; ``config.dtype`` sets the dtype they are used in.
+    """
     fc = config.foundation
     res = config.data.resolution
+    dtype = compute_dtype(config.dtype)
     tokenizer = world_tokenizer()
     clip_cfg = dict(fc.clip.to_dict(), vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id, image_size=res)
     clip = CLIP(CLIPConfig.tiny(**clip_cfg))
@@ -171,33 +176,37 @@ def toy_foundation(config, workdir: str, mesh) -> Foundation:
     data_meta = dict(pretrain_examples=fc.pretrain_examples, resolution=res, world_seed=1000)
 
     def get(name, template_fn, meta, train_fn):
+        """Params from an export whose config matches (``template_fn()``: their shapes), else trained."""
         nonlocal pool
-        for folder in ([os.path.join(ASSETS, fc.assets)] if fc.assets else []) + [os.path.join(workdir, "foundation")]:
-            params = _import(os.path.join(folder, name), template_fn(), meta)
+        for folder in ([os.path.join(ASSETS, fc.assets)] if fc.assets else []) + [io.join(workdir, "foundation")]:
+            params = _import(io.join(folder, name), template_fn(), meta)
             if params is not None:
                 logging.info("foundation: %s from %s", name, folder)
                 return params
         if pool is None:
             pool = shapes_dataset("pretrain", num_examples=fc.pretrain_examples, resolution=res, seed=1000)
         params = train_fn(pool)
-        if jax.process_index() == 0:
-            _export(os.path.join(workdir, "foundation", name), params, meta)
+        if io.is_writer():
+            _export(io.join(workdir, "foundation", name), params, meta)
         return params
 
     clip_meta = dict(model=clip_cfg, train=fc.clip_train.to_dict(), data=data_meta, text_max_len=fc.text_max_len)
     clip_params = get(
-        "clip", lambda: jax.device_get(clip.init(jax.random.key(0))), clip_meta,
-        lambda pool: train_clip(clip, pool, tokenizer, fc.clip_train, os.path.join(workdir, "foundation", "clip_run"),
+        "clip", clip.param_shapes, clip_meta,
+        lambda pool: train_clip(clip, pool, tokenizer, fc.clip_train, io.join(workdir, "foundation", "clip_run"),
                                 mesh, max_len=fc.text_max_len, **common))
     unet_meta = dict(model=fc.unet.to_dict(), train=fc.unet_train.to_dict(), schedule=sc.to_dict(), data=data_meta)
     unet_params = get(
-        "unet", lambda: jax.device_get(unet.init(jax.random.key(0), jnp.zeros((1, res, res, 3)),
-                                                 jnp.zeros((1,), jnp.int32))["params"]), unet_meta,
+        "unet", lambda: jax.eval_shape(unet.init, jax.random.key(0), jnp.zeros((1, res, res, 3)),
+                                       jnp.zeros((1,), jnp.int32))["params"], unet_meta,
         lambda pool: train_eps_model(unet, schedule, pool, fc.unet_train,
-                                     os.path.join(workdir, "foundation", "unet_run"), mesh,
+                                     io.join(workdir, "foundation", "unet_run"), mesh,
                                      desc="foundation: diffusion", **common))
-    return Foundation(clip=clip, clip_params=clip_params, tokenizer=tokenizer, diffusion_params=unet_params,
-                      eps_apply=lambda p, x, t: unet.apply({"params": p}, x, t), schedule=schedule,
+    frozen_clip = CLIP(CLIPConfig.tiny(**clip_cfg, dtype=dtype, param_dtype=dtype))
+    frozen_unet = build_model("unet2d", fc.unet.to_dict(), config.dtype)
+    return Foundation(clip=frozen_clip, clip_params=frozen_params(clip_params, dtype), tokenizer=tokenizer,
+                      diffusion_params=frozen_params(unet_params, dtype),
+                      eps_apply=lambda p, x, t: frozen_unet.apply({"params": p}, x, t), schedule=schedule,
                       clip_image_size=res)
 
 
@@ -209,12 +218,11 @@ def pretrained_foundation(config) -> Foundation:
     """
     from jaxcf.diffusion import eps_from_v
     from jaxcf.models.clip import load_clip, load_tokenizer
-    from jaxcf.models.registry import DTYPES
     from jaxcf.models.stable_diffusion import load_stable_diffusion
     from jaxcf.models.vae import image_to_latent, latent_to_image
 
     fc = config.foundation
-    dtype = DTYPES[config.dtype]
+    dtype = compute_dtype(config.dtype)  # params are loaded (cast) in it
     clip, clip_params = load_clip(fc.clip_checkpoint, dtype=dtype)
     tokenizer = load_tokenizer(fc.clip_checkpoint)
     sd = load_stable_diffusion(fc.diffusion_checkpoint, dtype=dtype)
@@ -236,8 +244,9 @@ def pretrained_foundation(config) -> Foundation:
 
     return Foundation(clip=clip, clip_params=clip_params, tokenizer=tokenizer, diffusion_params=params,
                       eps_apply=eps_apply, schedule=schedule, clip_image_size=clip.config.vision.image_size,
-                      encode=lambda p, x: image_to_latent(sd.vae, p["vae"], x),
-                      decode=lambda p, z: latent_to_image(sd.vae, p["vae"], z))
+                      # float32 latents keep the DDIM carry float32 under a bfloat16 VAE and UNet
+                      encode=lambda p, x: image_to_latent(sd.vae, p["vae"], x).astype(jnp.float32),
+                      decode=lambda p, z: latent_to_image(sd.vae, p["vae"], z).astype(jnp.float32))
 
 
 def build_foundation(config, workdir: str, mesh) -> Foundation:
@@ -250,7 +259,7 @@ def build_foundation(config, workdir: str, mesh) -> Foundation:
 def template_text_features(found: Foundation, class_names, template: str, max_len: int):
     """Zero-shot class embeddings from a hand-written template ("a photo of a {}.") -> [C, P]."""
     ids = found.tokenizer([template.format(c) for c in class_names], max_length=max_len)
-    return found.clip.encode_text(found.clip_params, jnp.asarray(ids))
+    return found.clip.encode_text(found.clip_params, jnp.asarray(ids)).astype(jnp.float32)
 
 
 def encode_images(found: Foundation, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -260,11 +269,7 @@ def encode_images(found: Foundation, images: np.ndarray, batch_size: int = 256) 
     however many sets (tests, shots, counterfactuals) are encoded.
     """
     fn = found.image_features_fn()
-    out = []
-    for i in range(0, len(images), batch_size):
-        chunk = images[i:i + batch_size]
-        pad = batch_size - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-        out.append(np.asarray(fn(found.clip_params, chunk))[:batch_size - pad])
+    from jaxcf.data.common import padded_batches
+
+    out = [np.asarray(fn(found.clip_params, chunk))[:n] for chunk, n in padded_batches(images, batch_size)]
     return np.concatenate(out) if out else np.zeros((0, found.clip.config.projection_dim), np.float32)

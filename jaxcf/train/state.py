@@ -28,24 +28,27 @@ class TrainState:
 LossFn = Callable[..., tuple[jnp.ndarray, dict]]
 
 
-def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation, seed: int,
+def create_train_state(init_params: Callable[[jax.Array], Any] | Any, tx: optax.GradientTransformation, seed: int,
                        mesh: Mesh, param_sharding: str = "replicated", ema: bool = False):
     """Initialises a TrainState directly into its shardings; returns (state, state_shardings).
 
-    Shapes come from ``jax.eval_shape``, shardings are derived from them, and init is jitted with
-    those ``out_shardings`` so no device ever holds an unsharded copy.
+    ``init_params``: a traceable ``rng -> params`` (flax ``model.init``), or ready-made params (a
+    pytree of arrays, e.g. from :func:`jaxcf.models.init.fast_init`, which is fast but not
+    traceable). Shapes come from ``jax.eval_shape``, shardings are derived from them, and init is
+    jitted with those ``out_shardings`` so no device ever holds an unsharded copy of the state.
     """
     rng = jax.random.PRNGKey(seed)
+    given = None if callable(init_params) else init_params
 
-    def init(rng):
+    def init(rng, given):
         init_rng, state_rng = jax.random.split(rng)
-        params = init_params(init_rng)
+        params = init_params(init_rng) if given is None else given
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           rng=state_rng, ema_params=params if ema else None)
 
-    shapes = jax.eval_shape(init, rng)
+    shapes = jax.eval_shape(init, rng, given)
     shardings = param_shardings(shapes, mesh, param_sharding)
-    return jax.jit(init, out_shardings=shardings)(rng), shardings
+    return jax.jit(init, out_shardings=shardings)(rng, given), shardings
 
 
 def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, end_fraction: float = 0.0):
@@ -70,7 +73,11 @@ def make_update_fn(loss_fn: LossFn, tx: optax.GradientTransformation, ema_decay:
         params = optax.apply_updates(state.params, updates)
         ema_params = state.ema_params
         if ema_decay is not None and ema_params is not None:
-            ema_params = optax.incremental_update(params, ema_params, step_size=1.0 - ema_decay)
+            # warm-up: decay_t = min(decay, (1 + t) / (10 + t)), so the average forgets the random
+            # init within a few hundred steps instead of keeping decay^steps of it
+            t = state.step.astype(jnp.float32)
+            decay = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
+            ema_params = optax.incremental_update(params, ema_params, step_size=1.0 - decay)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params), metrics
 

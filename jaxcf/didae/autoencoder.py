@@ -1,0 +1,75 @@
+"""The diffusion autoencoder of DiDAE (METHODS.md §2.1-2.3): frozen encoder Phi + DiffAE decoder.
+
+    z   = Phi(x)                                   semantic code, [B, D]
+    x_T = ddim_invert(eps_theta(., ., z), x)       stochastic code, 20 uniform steps
+    x'  = ddim_sample(eps_theta(., ., z'), x_T)    decode an (edited) code z'
+
+Everything takes its parameters as arguments (``enc_params`` of the frozen encoder, ``dec_params``
+of the decoder), so one jitted program can encode, invert, edit and decode a sharded batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxcf.diffusion import NoiseSchedule, ddim_invert, ddim_sample
+
+# encode(enc_params, x [B, H, W, 3] in [-1, 1]) -> z [B, D] (float32)
+EncodeFn = Callable[[Any, jax.Array], jax.Array]
+
+
+def square_encode_fn(encoder) -> EncodeFn:
+    """Phi of a :class:`jaxcf.models.encoders.SquareEncoder`: its embedding (not the attribute logits)."""
+    return lambda p, x: encoder.apply({"params": p}, x)[0].astype(jnp.float32)
+
+
+def clip_encode_fn(clip) -> EncodeFn:
+    """Phi of jaxcf's CLIP image tower: images resized / normalised for CLIP, projected features."""
+    from jaxcf.models.clip import to_clip_input
+
+    size = clip.config.vision.image_size
+    return lambda p, x: clip.encode_image(p, to_clip_input(x, size)).astype(jnp.float32)
+
+
+def semantic_cond(encode: EncodeFn):
+    """``cond_fn`` for :func:`jaxcf.pipelines.diffusion.eps_mse_loss`: (z,) with z = Phi(x0), Phi frozen."""
+    return lambda batch, enc_params: (encode(enc_params, batch["image"]),)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionAutoencoder:
+    """Encode / invert / decode with a semantic-conditioned eps-model ``decoder.apply(x_t, t, z)``."""
+
+    decoder: Any  # a DiffAEUNet
+    encode: EncodeFn
+    schedule: NoiseSchedule
+    num_steps: int = 20  # DDIM steps for inversion and for decoding
+
+    def eps_fn(self, dec_params):
+        return lambda x, t, z: self.decoder.apply({"params": dec_params}, x, t, z)
+
+    def invert(self, dec_params, x0: jax.Array, z: jax.Array) -> jax.Array:
+        """x_T = DDIM-invert(x0 | z): [B, R, R, C], [B, D] -> [B, R, R, C]."""
+        return ddim_invert(self.eps_fn(dec_params), x0, z, self.schedule, self.num_steps)
+
+    def decode(self, dec_params, x_T: jax.Array, z: jax.Array) -> jax.Array:
+        """x0 = DDIM-sample(x_T | z)."""
+        return ddim_sample(self.eps_fn(dec_params), x_T, z, self.schedule, self.num_steps)
+
+    def decode_edits(self, dec_params, x_T: jax.Array, z_edits: jax.Array) -> jax.Array:
+        """All K edited codes of a batch from the same x_T: x_T [B, ...], z_edits [K, B, D] -> [K, B, ...].
+
+        One program: the K axis is vmapped, so XLA runs the K decodes as one batch of K*B.
+        """
+        return jax.vmap(self.decode, in_axes=(None, None, 0))(dec_params, x_T, z_edits)
+
+    def counterfactuals(self, enc_params, dec_params, x0: jax.Array, edit: Callable[[jax.Array], jax.Array]):
+        """Encode, invert, edit and decode: ``edit(z [B, D]) -> z' [K, B, D]``; returns (x' [K, B, ...], z, z')."""
+        z = self.encode(enc_params, x0)
+        x_T = self.invert(dec_params, x0, z)
+        z_edits = edit(z)
+        return self.decode_edits(dec_params, x_T, z_edits), z, z_edits

@@ -1,0 +1,137 @@
+"""DiDAE edits, the diffusion autoencoder and the CFKD pieces, each against an independent reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcf.didae import cfkd
+from jaxcf.didae.autoencoder import DiffusionAutoencoder
+from jaxcf.didae.dictionary import (apply_atom_edits, boundary_edit, boundary_inversion, procrustes_dictionary,
+                                    reflect_all, reflection_edit)
+from jaxcf.diffusion import make_schedule
+
+
+def _problem(seed=0, N=64, D=10, K=3):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(N, D)).astype(np.float32)
+    omega, mu = procrustes_dictionary(z, rng.normal(size=(N, K)))
+    return z, np.asarray(omega), np.asarray(mu), rng
+
+
+def test_linear_edit_form_equals_reflection_and_algorithm_2():
+    z, omega, mu, rng = _problem()
+    np.testing.assert_allclose(apply_atom_edits(z, mu, *reflection_edit(omega)), reflect_all(z, omega, mu),
+                               atol=1e-5)
+    w = rng.normal(size=z.shape[1]).astype(np.float32)
+    (U, V, alpha), valid = boundary_edit(jnp.asarray(w), jnp.asarray(omega), lam=2.0)
+    ref, ref_valid = boundary_inversion(z - mu, w, omega, lam=2.0)
+    np.testing.assert_allclose(apply_atom_edits(z, mu, U, V, alpha), np.asarray(ref) + mu, atol=1e-4)
+    np.testing.assert_array_equal(valid, ref_valid)
+    # lam = 2 mirrors the probe's logit on centred codes: w.(z'_k - mu) = -w.(z - mu)
+    edited = np.asarray(apply_atom_edits(z, mu, U, V, alpha))
+    np.testing.assert_allclose((edited - mu) @ w, -np.broadcast_to((z - mu) @ w, edited.shape[:2]), rtol=1e-3,
+                               atol=1e-3)
+
+
+def test_boundary_edit_guards_and_errors():
+    z, omega, mu, _ = _problem(D=6, K=2)
+    w = np.zeros(6, np.float32)
+    with pytest.raises(ValueError, match="orthogonal to every atom"):
+        boundary_edit(jnp.asarray(w), jnp.asarray(omega))
+    # a probe orthogonal to atom 0 only: atom 0 is left unedited, atom 1 is used
+    w = np.asarray(omega[:, 1])
+    (U, V, alpha), valid = boundary_edit(jnp.asarray(w), jnp.asarray(omega))
+    assert list(np.asarray(valid)) == [False, True]
+    edited = np.asarray(apply_atom_edits(z, mu, U, V, alpha))
+    np.testing.assert_allclose(edited[0], z, atol=1e-6)
+
+
+def _irls(z, y, l2, iters=50):
+    """Float64 Newton's method for BCE + l2 |w|^2 (no bias): the independent reference."""
+    z = z.astype(np.float64)
+    w = np.zeros(z.shape[1])
+    n = len(y)
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-z @ w))
+        g = z.T @ (p - y) / n + 2 * l2 * w
+        H = (z * (p * (1 - p))[:, None]).T @ z / n + 2 * l2 * np.eye(len(w))
+        w -= np.linalg.solve(H, g)
+    return w
+
+
+def test_distill_probe_matches_newton_reference():
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(400, 5)).astype(np.float32)
+    w_true = np.array([2.0, -1.0, 0.5, 0.0, 0.0])
+    y = (rng.random(400) < 1 / (1 + np.exp(-z @ w_true))).astype(np.float32)
+    l2 = 1e-2 * np.std(z) ** 2  # distill_probe's l2 acts on the standardised codes
+    w = np.asarray(cfkd.distill_probe(z, y, l2=1e-2, steps=2000, learning_rate=0.05))
+    ref = _irls(z, y, l2)
+    np.testing.assert_allclose(w, ref, rtol=0.02, atol=0.02)
+    assert cfkd.probe_agreement(z, w, y) > 0.7
+    with pytest.raises(ValueError, match=r"\[N, D\]"):
+        cfkd.distill_probe(z, y[:10])
+
+
+def test_group_metrics_gain_and_flips_by_hand():
+    label = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    group = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    pred = np.array([0, 0, 1, 1, 1, 0, 1, 1])  # groups: 1.0, 0.0, 0.5, 1.0
+    np.testing.assert_allclose(cfkd.group_accuracies(pred, label, group), [1.0, 0.0, 0.5, 1.0])
+    assert cfkd.aga(pred, label, group) == pytest.approx(0.625)
+    assert cfkd.worst_group_accuracy(pred, label, group) == 0.0
+    assert cfkd.gain(0.5, 0.75) == pytest.approx(0.5)
+    assert cfkd.flip_rate([0.2, 0.51, 0.9, 0.5]) == 0.5
+    assert cfkd.nafr([0.9, 0.9, 0.1], [0.9, 0.1, 0.9]) == pytest.approx(1 / 3)
+
+
+def test_disentanglement_matrix_and_teachers():
+    before = np.array([[0.1, 0.5], [0.3, 0.5]])
+    after = np.stack([before + [0.4, 0.0], before + [0.0, -0.2]])  # atom 0 moves factor 0, atom 1 factor 1
+    m = cfkd.disentanglement_matrix(before, after)
+    np.testing.assert_allclose(m, [[0.4, 0.0], [0.0, 0.2]], atol=1e-9)
+    atom_true = cfkd.preclustered_atom_labels(m, true_factor=0)
+    assert list(atom_true) == [True, False]
+    y = np.array([0, 1])
+    is_true, lab = cfkd.preclustered_labels(atom_true, y)
+    np.testing.assert_array_equal(lab, [[1, 0], [0, 1]])  # true atom: flipped; false atom: source label
+    is_true, lab = cfkd.model_teacher_labels(np.array([0, 1]), np.array([[1, 1], [0, 0]]), y)
+    np.testing.assert_array_equal(is_true, [[True, False], [False, True]])
+    np.testing.assert_array_equal(lab, [[1, 1], [0, 0]])
+    x, yy = cfkd.counterfactual_training_set(np.arange(4).reshape(2, 2), lab, [[True, False], [False, True]])
+    assert list(x) == [0, 3] and list(yy) == [1, 0]
+    with pytest.raises(ValueError, match="out of range"):
+        cfkd.preclustered_atom_labels(m, true_factor=5)
+
+
+def test_mixed_batches_are_deterministic_and_mixed():
+    a = cfkd.mixed_batch_indices(100, 10, 16, step=3, seed=0, mix=0.5)
+    b = cfkd.mixed_batch_indices(100, 10, 16, step=3, seed=0, mix=0.5)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert len(a[0]) == 8 and len(a[1]) == 8 and a[1].max() < 10
+    orig, cf = cfkd.mixed_batch_indices(100, 0, 16, step=0, seed=0)
+    assert len(orig) == 16 and len(cf) == 0
+
+
+def test_autoencoder_decodes_all_edits_in_one_call():
+    from jaxcf.models.diffae_unet import DiffAEConfig, DiffAEUNet, init_params
+
+    cfg = DiffAEConfig.preset("tiny", semantic_dim=4)
+    model = DiffAEUNet(cfg)
+    params = init_params(model, jax.random.key(0))
+    enc = lambda p, x: jnp.mean(x, axis=(1, 2)) @ p  # a linear "Phi": [B, R, R, 3] -> [B, 4]
+    enc_params = jax.random.normal(jax.random.key(1), (3, 4))
+    ae = DiffusionAutoencoder(model, enc, make_schedule("linear", 1000, 1e-4, 0.02), num_steps=4)
+    x = jax.random.uniform(jax.random.key(2), (2, 8, 8, 3), minval=-1, maxval=1)
+    z = ae.encode(enc_params, x)
+    x_T = jax.jit(ae.invert)(params, x, z)
+    z_edits = jnp.stack([z, -z, 2 * z])
+    out = jax.jit(ae.decode_edits)(params, x_T, z_edits)
+    assert out.shape == (3, 2, 8, 8, 3)
+    decode = jax.jit(ae.decode)
+    for k in range(3):
+        np.testing.assert_allclose(out[k], decode(params, x_T, z_edits[k]), rtol=1e-4, atol=1e-4)
+    x_cf, z2, _ = jax.jit(lambda e, p, x: ae.counterfactuals(e, p, x, lambda z: z[None]))(enc_params, params, x)
+    np.testing.assert_allclose(x_cf[0], decode(params, x_T, z), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(z2, z)

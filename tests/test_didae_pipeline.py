@@ -1,0 +1,156 @@
+"""DiDAE + CFKD end to end: bad input, the `test` variant on Square, the shipped square_tiny
+foundation, and CelebA through a tiny CLIP folder and a fake tfds celeb_a."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from jaxcf.configs import ConfigError
+from jaxcf.pipelines import run
+from tests.test_main import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIDAE = os.path.join(ROOT, "configs", "didae.py")
+
+
+@pytest.mark.parametrize("override, message", [
+    (lambda c: c.dictionary.update(num_atoms=4) or c.encoder.update(embed_dim=3),
+     "config.dictionary.num_atoms=4 is larger than the embedding size D=3"),
+    (lambda c: c.dictionary.update(kinds=("pca",)), "config.dictionary.kinds=('pca',) must be a non-empty subset"),
+    (lambda c: c.cfkd.update(teachers=()), "config.cfkd.teachers=() must be a non-empty subset"),
+    (lambda c: c.cfkd.update(true_factor="Colour"), "config.cfkd.true_factor='Colour' is not a factor; allowed: "
+                                                   "ColorA, ColorB, PositionX, PositionY"),
+    (lambda c: c.dictionary.update(num_atoms=3), "config.dictionary.num_atoms=3 must equal the number of factors 4"),
+    (lambda c: c.student.update(kind="vit"), "config.student.kind='vit' is not allowed; allowed: 'resnet18', 'probe'"),
+    (lambda c: c.data.update(agree_fraction=1.5), "config.data.agree_fraction=1.5 must be in [0.0, 1.0]"),
+    (lambda c: c.edit.update(lam=0.0), "config.edit.lam=0.0 must be in (0.0, 10.0]"),
+    (lambda c: c.encoder.update(kind="clip", checkpoint="/no/such/clip") or c.data.update(name="celeba"),
+     "config.encoder.checkpoint='/no/such/clip': no such checkpoint folder"),
+    (lambda c: c.decoder.update(norm_groups=3), "config.decoder: DiffAEConfig: field 'norm_groups' = 3 must divide"),
+])
+def test_bad_config_fails_before_any_work(tmp_path, override, message):
+    c = load_config(DIDAE, "test")
+    override(c)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run(c, str(tmp_path / "w"))
+    assert not (tmp_path / "w" / "student").exists()
+
+
+@pytest.fixture(scope="module")
+def test_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("didae") / "w"
+    return run(load_config(DIDAE, "test"), str(work)), work
+
+
+@pytest.mark.slow
+def test_test_variant_runs_every_stage(test_run):
+    res, work = test_run
+    assert res["pipeline"] == "didae" and res["student"] == "resnet18"
+    for kind in ("procrustes", "svd"):
+        d = res["dictionaries"][kind]
+        m = np.asarray(d["disentanglement_matrix"])
+        assert m.shape == (4, 4) and np.all(m >= 0)
+        assert 0 <= d["flip_rate"] <= 1 and 0 <= d["nafr"] <= d["flip_rate"]
+        assert d["cf_per_second"] > 0
+        saved = json.loads((work / f"disentanglement_{kind}.json").read_text())
+        assert saved["factors"] == ["ColorA", "ColorB", "PositionX", "PositionY"]
+        np.testing.assert_allclose(saved["mean_abs_change"], m)
+        for png in (f"disentanglement_{kind}.png", f"atoms_{kind}.png", f"counterfactuals_{kind}.png"):
+            assert (work / png).stat().st_size > 100
+    assert {(r["dictionary"], r["teacher"]) for r in res["cfkd"]} == {
+        (d, t) for d in ("procrustes", "svd") for t in ("preclustered", "model")}
+    for r in res["cfkd"]:
+        assert r["counterfactuals"] == r["true"] + r["false"]
+        if "aga" in r:
+            assert 0 <= r["worst_group"] <= r["aga"] <= 1
+    assert set(res["baselines"]) == {"probe_procrustes", "projection_procrustes", "probe_svd", "projection_svd"}
+    assert 0 <= res["before"]["worst_group"] <= res["before"]["aga"] <= 1
+    table = (work / "results.md").read_text()
+    assert "poisoned student" in table and "CFKD procrustes + preclustered teacher" in table
+    # every trained model left a checkpoint (a rerun resumes instead of retraining)
+    for name in ("student", "surrogate", "oracle", "foundation/decoder_run", "foundation/encoder_run"):
+        assert any(s.isdigit() for s in os.listdir(work / name / "checkpoints")), name
+    assert (work / "foundation" / "decoder.msgpack").exists()
+
+
+def test_shipped_square_tiny_foundation_matches_its_config():
+    """The embedded default loads the shipped weights (made by this config) instead of training."""
+    from jaxcf.pipelines import didae
+
+    c = load_config(DIDAE, "square_tiny")
+    assert c.foundation.assets == "square_tiny"
+    folder = didae._assets_dir(c)
+    for name in ("encoder", "decoder"):
+        assert os.path.isfile(os.path.join(folder, name + ".msgpack")), name
+        meta = json.loads(open(os.path.join(folder, name + ".json")).read())
+        assert meta == json.loads(json.dumps(didae.foundation_meta(c, name), sort_keys=True)), name
+
+
+@pytest.mark.slow
+def test_celeba_with_a_clip_folder_and_fake_tfds(tmp_path):
+    """The `celeba` variant's code path: tfds celeb_a (Blond_Hair vs Male), CLIP's image tower as Phi."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("tensorflow_datasets")
+    from jaxcf.data.tfds_data import write_fake_tfds
+
+    write_fake_tfds("celeb_a", str(tmp_path / "tfds"), num_examples={"train": 160, "validation": 24, "test": 80})
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=16),
+        projection_dim=8)
+    transformers.CLIPModel(cfg).save_pretrained(tmp_path / "clip")
+
+    c = load_config(DIDAE, "celeba")
+    t = load_config(DIDAE, "test")
+    c.data.update(data_dir=str(tmp_path / "tfds"), resolution=16, num_samples=40, agree_fraction=0.2,
+                  num_test_per_group=4, unbiased_samples=48)
+    c.encoder.checkpoint = str(tmp_path / "clip")
+    c.decoder = t.decoder
+    for name in ("student", "surrogate", "oracle", "cfkd", "eval"):
+        c[name] = t[name]
+    # the probe student (a linear head on Phi = CLIP) and one dictionary / teacher keep this short;
+    # the ResNet student and both dictionaries and teachers run in the Square test above
+    c.student.kind = "probe"
+    c.dictionary.update(fit_examples=24, kinds=("procrustes",))
+    c.cfkd.teachers = ("preclustered",)
+    c.cfkd.true_factor = "Blond_Hair"
+    c.update(ddim_steps=3, checkpoint_every=2, log_every=1)
+    res = run(c, str(tmp_path / "w"))
+    assert res["embedding_dim"] == 8 and res["student"] == "probe"  # CLIP's projection_dim
+    assert np.asarray(res["dictionaries"]["procrustes"]["disentanglement_matrix"]).shape == (4, 4)
+    saved = json.loads((tmp_path / "w" / "disentanglement_procrustes.json").read_text())
+    assert saved["factors"] == ["Blond_Hair", "Male", "Smiling", "Eyeglasses"]
+    assert 0 <= res["before"]["aga"] <= 1
+
+
+@pytest.mark.slow
+def test_square_tiny_foundation_config_trains(tmp_path):
+    """The config that made the shipped weights still trains (a few steps of each, exported like them)."""
+    from jaxcf.pipelines import didae
+    from jaxcf.train import make_mesh, read_metrics
+
+    c = load_config(DIDAE, "square_tiny")
+    c.foundation.assets = ""
+    c.data.update(unbiased_samples=32, num_samples=100, num_test_per_group=2)
+    c.dictionary.fit_examples = 8
+    c.encoder.update(steps=2, batch_size=16)
+    c.decoder.train.update(steps=2, batch_size=16, warmup_steps=1)
+    c.update(log_every=1, checkpoint_every=2)
+    data = didae.square_data(c)
+    ae, enc_params, dec_params = didae.build_autoencoder(c, data, str(tmp_path), make_mesh([("data", -1)]))
+    for name in ("encoder", "decoder"):
+        meta = json.loads((tmp_path / "foundation" / f"{name}.json").read_text())
+        assert meta == json.loads(json.dumps(didae.foundation_meta(c, name), sort_keys=True))
+        rows = read_metrics(str(tmp_path / "foundation" / f"{name}_run" / "metrics.jsonl"))
+        assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+    x = data.pool.get(np.arange(2))["image"]
+    z = ae.encode(enc_params, x)
+    assert z.shape == (2, c.encoder.embed_dim)
+    assert ae.decoder.config.resolution == 32 and ae.num_steps == 20
