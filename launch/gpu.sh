@@ -34,12 +34,9 @@ jaxcf.main unchanged.
 EOF
 }
 
-die() { echo "gpu.sh: error: $*" >&2; exit 2; }
-
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-quote_all() { local out=() a; for a in "$@"; do out+=("$(quote "$a")"); done; printf '%s' "${out[*]}"; }
+SCRIPT=gpu.sh
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 CONFIG="${JAXCF_CONFIG:-}"
 WORKDIR="${JAXCF_WORKDIR:-}"

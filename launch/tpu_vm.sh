@@ -35,13 +35,9 @@ jaxcf.main unchanged.
 EOF
 }
 
-die() { echo "tpu_vm.sh: error: $*" >&2; exit 2; }
-
-# Shell-quotes one word only where needed, so dry-run lines can be pasted back into a shell.
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-quote_all() { local out=() a; for a in "$@"; do out+=("$(quote "$a")"); done; printf '%s' "${out[*]}"; }
+SCRIPT=tpu_vm.sh
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 DRY_RUN=0
 # Runs a command, or prints it in --dry-run mode.

@@ -22,6 +22,7 @@ import hashlib
 import math
 import os
 import time
+from io import BytesIO
 from typing import Callable
 
 import flax.linen as nn
@@ -42,7 +43,9 @@ from jaxcf.models.init import fast_init, num_params
 from jaxcf.models.registry import build_model
 from jaxcf.pipelines.diffusion import train_eps_model
 from jaxcf.train import (Checkpointer, MetricWriter, check_batch_divisible, create_train_state, data_sharding,
-                         jit_update, make_update_fn, replicated, stream_indices, to_host, train_loop, warmup_cosine)
+                         jit_update, make_update_fn, param_shardings, replicated, stream_indices, to_host, train_loop,
+                         warmup_cosine)
+from jaxcf.train.precision import compute_dtype, frozen_params
 from jaxcf.utils import io
 
 DICTIONARIES = ("procrustes", "svd")
@@ -296,9 +299,8 @@ def square_encoder(config, data: DidaeData, workdir: str, mesh):
 
 def clip_encoder(config):
     from jaxcf.models.clip import load_clip
-    from jaxcf.models.registry import DTYPES
 
-    clip, params = load_clip(config.encoder.checkpoint, dtype=DTYPES[config.dtype])
+    clip, params = load_clip(config.encoder.checkpoint, dtype=compute_dtype(config.dtype))
     return clip_encode_fn(clip), params, clip.config.projection_dim
 
 
@@ -423,7 +425,7 @@ class Trainer:
         self.frozen_sh = None
         self.frozen = frozen
         if frozen is not None:
-            self.frozen_sh = jax.tree_util.tree_map(lambda _: replicated(mesh), frozen)
+            self.frozen_sh = param_shardings(frozen, mesh)  # replicated
             self.frozen = jax.device_put(frozen, self.frozen_sh)
         self.loss_fn = loss_fn
         self.update = None
@@ -486,7 +488,7 @@ def heatmap_png(matrix, row_names, col_names, path: str, title: str = "") -> Non
             colour = (int(255 * (1 - 0.8 * v)), int(255 * (1 - 0.6 * v)), 255)
             draw.rectangle([lw + j * cw, y, lw + (j + 1) * cw - 2, y + ch - 2], fill=colour)
             draw.text((lw + j * cw + 6, y + 8), f"{m[i, j]:.3f}", fill="black")
-    buf = __import__("io").BytesIO()
+    buf = BytesIO()
     im.save(buf, format="PNG")
     io.write_bytes(path, buf.getvalue())
 
@@ -511,8 +513,10 @@ def run(config, workdir: str, mesh):
 
     # 1. foundation
     ae, enc_params, dec_params = build_autoencoder(config, data, workdir, mesh)
-    enc_params = jax.device_put(enc_params, replicated(mesh))
-    dec_params = jax.device_put(dec_params, replicated(mesh))
+    # frozen from here on: in the run's compute dtype (bfloat16 when config.dtype says so)
+    dtype = compute_dtype(config.dtype)
+    enc_params = jax.device_put(frozen_params(enc_params, dtype), replicated(mesh))
+    dec_params = jax.device_put(frozen_params(dec_params, dtype), replicated(mesh))
     eb = config.eval.batch_size
     encode = batched(lambda p, x: ae.encode(p, x), mesh, max(eb, 64))
 
@@ -592,17 +596,18 @@ def run(config, workdir: str, mesh):
         return np.clip(predict_oracle(oracle_params, x)[:, 2:], 0.0, 1.0)
 
     factor_before = factors_of(eval_x)
-    pred_train = np.argmax(predict_student(poisoned, images(data.train), frozen), -1)
+    train_x = images(data.train)
+    pred_train = np.argmax(predict_student(poisoned, train_x, frozen), -1)
     correct = np.flatnonzero(pred_train == data.train.arrays["label"])
     cf_idx = correct[:config.cfkd.num_inputs]
-    cf_x = images(data.train, cf_idx)
+    cf_x = train_x[cf_idx]
     cf_y = data.train.arrays["label"][cf_idx]
     p_student_src = pred_train[cf_idx]
 
     # train-set codes for distillation (Algorithm 2, step 1): the student's hard labels
-    z_train = encode(enc_params, images(data.train))
+    z_train = encode(enc_params, train_x)
     rows, per_dict = [], {}
-    finetune = _finetuner(config, student, poisoned, data, workdir, mesh, frozen)
+    finetune = _finetuner(config, student, poisoned, data.train, evaluate, workdir, mesh, frozen)
     for kind, (omega, mu) in dicts.items():
         out = {}
         # 4a. what each atom changes: reflections, judged by the oracle factor regressor
@@ -690,14 +695,11 @@ def run(config, workdir: str, mesh):
     return results
 
 
-def _finetuner(config, student: Classifier, poisoned, data: DidaeData, workdir: str, mesh, frozen):
-    """``finetune(tag, x_cf, y_cf) -> test metrics``: CFKD fine-tuning of the poisoned student on
-    a ``cfkd.mix`` share of counterfactuals per batch, resumable in workdir/cfkd_<tag>."""
+def _finetuner(config, student: Classifier, poisoned, x_orig: ArrayDataset, evaluate: Callable, workdir: str, mesh,
+               frozen):
+    """``finetune(tag, x_cf, y_cf) -> evaluate(params)``: CFKD fine-tuning of the poisoned student on
+    a ``cfkd.mix`` share of counterfactuals per batch, resumable in workdir/cfkd_<tag>_<key>."""
     c = config.cfkd
-    x_orig = data.train
-    test_x = data.test.get(np.arange(len(data.test)), keys=("image",))["image"]
-    test = data.test.arrays
-    predict = batched(lambda p, x, fr: student.apply(p, x, fr)[:, :2], mesh, config.eval.batch_size)
     trainer = Trainer(classification_loss(student), c, mesh, config, frozen=frozen)
 
     def finetune(tag, x_cf, y_cf):
@@ -713,11 +715,7 @@ def _finetuner(config, student: Classifier, poisoned, data: DidaeData, workdir: 
         # the checkpoint folder is keyed by the counterfactual set, so a rerun with other
         # counterfactuals fine-tunes afresh instead of resuming a stale run
         key = hashlib.sha1(np.ascontiguousarray(x_cf).tobytes() + np.ascontiguousarray(y_cf).tobytes()).hexdigest()[:10]
-        params = trainer.fit(poisoned, io.join(workdir, f"cfkd_{tag}_{key}"), f"CFKD {tag}", batch_fn=batch_fn)
-        pred = np.argmax(predict(params, test_x, frozen), -1)
-        return dict(aga=cfkd.aga(pred, test["label"], test["group"]),
-                    worst_group=cfkd.worst_group_accuracy(pred, test["label"], test["group"]),
-                    group_accuracy=cfkd.group_accuracies(pred, test["label"], test["group"]).tolist())
+        return evaluate(trainer.fit(poisoned, io.join(workdir, f"cfkd_{tag}_{key}"), f"CFKD {tag}", batch_fn=batch_fn))
 
     return finetune
 

@@ -29,6 +29,7 @@ from jaxcf.train import (
     data_sharding,
     jit_update,
     make_update_fn,
+    param_shardings,
     replicated,
     stream_indices,
     to_host,
@@ -101,7 +102,7 @@ def train_eps_model(model, schedule, dataset, train_cfg, workdir: str, mesh, *, 
     state, shardings = create_train_state(init_params, tx, seed, mesh, ema=True)
     frozen_shardings = None
     if frozen is not None:
-        frozen_shardings = jax.tree_util.tree_map(lambda _: replicated(mesh), frozen)
+        frozen_shardings = param_shardings(frozen, mesh)  # replicated
         frozen = jax.device_put(frozen, frozen_shardings)  # once, not on every step
     update = jit_update(make_update_fn(eps_mse_loss(model, schedule, cond_fn), tx, ema_decay=train_cfg.ema_decay),
                         shardings, mesh, frozen_shardings=frozen_shardings)
