@@ -74,6 +74,35 @@ def test_distill_probe_matches_newton_reference():
         cfkd.distill_probe(z, y[:10])
 
 
+def test_linear_probe_with_bias_matches_newton_reference():
+    rng = np.random.default_rng(2)
+    z = rng.normal(size=(400, 3)).astype(np.float32)
+    y = (rng.random(400) < 1 / (1 + np.exp(-(z @ [1.5, -1.0, 0.0] + 0.8)))).astype(np.float32)
+    s = np.std(z)  # fit_linear_probe's l2 acts on the standardised codes, the intercept is not penalised
+    w, b = cfkd.fit_linear_probe(z, y, bias=True, l2=1e-2, steps=3000, learning_rate=0.05)
+    # float64 Newton on [z, 1] with the same penalty on w only
+    za = np.concatenate([z, np.ones((400, 1))], 1).astype(np.float64)
+    p = np.zeros(4)
+    pen = np.diag([2 * 1e-2 * s ** 2] * 3 + [0.0])
+    for _ in range(50):
+        q = 1 / (1 + np.exp(-za @ p))
+        g = za.T @ (q - y) / 400 + pen @ p
+        H = (za * (q * (1 - q))[:, None]).T @ za / 400 + pen
+        p -= np.linalg.solve(H, g)
+    np.testing.assert_allclose(np.asarray(w), p[:3], rtol=0.02, atol=0.02)
+    assert float(b) == pytest.approx(p[3], abs=0.02)
+
+
+def test_padded_batches_cover_every_row_once():
+    from jaxcf.data.common import padded_batches
+
+    x = np.arange(10)[:, None]
+    chunks = list(padded_batches(x, 4))
+    assert [c.shape for c, _ in chunks] == [(4, 1)] * 3 and [n for _, n in chunks] == [4, 4, 2]
+    np.testing.assert_array_equal(np.concatenate([c[:n] for c, n in chunks])[:, 0], np.arange(10))
+    np.testing.assert_array_equal(chunks[-1][0][:, 0], [8, 9, 9, 9])  # padded with the last real row
+
+
 def test_group_metrics_gain_and_flips_by_hand():
     label = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     group = np.array([0, 0, 1, 1, 2, 2, 3, 3])
