@@ -43,8 +43,9 @@ def square(c):
     c.encoder.update(embed_dim=512, width=32, num_stages=4, steps=2000, batch_size=100)
     c.decoder.update(preset="square", model_channels=64, channel_mult=(1, 2, 4, 8), num_res_blocks=2,
                      attention_resolutions=(16,), norm_groups=32)
+    c.decoder.update(standardize_z=False)  # the official code feeds z raw
     c.decoder.train.update(steps=4000, batch_size=100, learning_rate=1e-4, warmup_steps=0, ema_decay=0.9999,
-                           weights="ema")
+                           weights="ema", prediction="eps", zero_cond=False)
     c.student.update(width=1.0, steps=2000, batch_size=100)
     c.surrogate.steps = 2000
     c.oracle.update(steps=2000, width=32, num_stages=4)
@@ -105,12 +106,17 @@ def get_config(arg=None):
     # Phi: "square" (a CNN trained here on the 8 Square attributes) or "clip" (a CLIP image tower).
     c.encoder = ml_collections.ConfigDict(dict(kind="square", embed_dim=32, width=16, num_stages=3, steps=1500,
                                                batch_size=64, learning_rate=2e-3))
+    # standardize_z: condition on (Phi(x) - mean) / std of the pool (DiffAE's normalisation; the
+    # dictionaries and edits work in that space); clip_x0: clamp x0_hat to [-1, 1] in every DDIM
+    # step (as the official code). train.prediction: what the UNet outputs ("eps", "v", "x0"; v
+    # gives usable x0 estimates at the top of the chain, where eps needs a 1/sqrt(abar) ~ 160x
+    # amplification); train.zero_cond: the semantic projections start at zero.
     c.decoder = ml_collections.ConfigDict(dict(
-        preset="square_tiny", model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
-        attention_resolutions=(8,), norm_groups=8,
-        # weights: "final" (the last iterate; shipped) or "ema" (the average, as the paper)
-        train=dict(steps=2500, batch_size=32, learning_rate=1e-3, warmup_steps=100, ema_decay=0.999,
-                   weights="final")))
+        preset="square_tiny", model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+        attention_resolutions=(8,), norm_groups=8, standardize_z=True, clip_x0=True,
+        # weights: "final" (the last iterate) or "ema" (the average, as the paper; shipped)
+        train=dict(steps=4000, batch_size=32, learning_rate=1e-3, warmup_steps=100, ema_decay=0.999,
+                   weights="ema", prediction="v", zero_cond=True)))
     c.schedule = ml_collections.ConfigDict(dict(name="linear", num_train_timesteps=1000, beta_start=1e-4,
                                                 beta_end=0.02))
     c.ddim_steps = 20  # inversion and decoding (METHODS §2.3)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jaxcf.diffusion import NoiseSchedule, ddim_invert, ddim_sample
+from jaxcf.diffusion import NoiseSchedule, as_eps_fn, ddim_invert, ddim_sample
 
 # encode(enc_params, x [B, H, W, 3] in [-1, 1]) -> z [B, D] (float32)
 EncodeFn = Callable[[Any, jax.Array], jax.Array]
@@ -36,8 +36,28 @@ def clip_encode_fn(clip) -> EncodeFn:
 
 
 def semantic_cond(encode: EncodeFn):
-    """``cond_fn`` for :func:`jaxcf.pipelines.diffusion.eps_mse_loss`: (z,) with z = Phi(x0), Phi frozen."""
+    """``cond_fn`` for :func:`jaxcf.diffusion.denoising_loss`: (z,) with z = Phi(x0), Phi frozen."""
     return lambda batch, enc_params: (encode(enc_params, batch["image"]),)
+
+
+def standardized(encode: EncodeFn, mean, std) -> EncodeFn:
+    """Phi followed by per-dimension standardisation, (Phi(x) - mean) / std (DiffAE's code normalisation).
+
+    The decoder is conditioned on, and the dictionaries and edits work in, this space: every
+    dimension of the code has unit spread, so ``SiLU`` and the conditioning projections see
+    inputs of order one whatever the encoder's scale. mean, std: [D] (the fit pool's statistics).
+    """
+    mean = jnp.asarray(mean, jnp.float32)
+    inv = 1.0 / jnp.maximum(jnp.asarray(std, jnp.float32), 1e-6)
+    return lambda p, x: (encode(p, x) - mean) * inv
+
+
+def code_statistics(codes) -> dict:
+    """Per-dimension mean and std of codes [N, D] (numpy, float32), the standardisation of :func:`standardized`."""
+    import numpy as np
+
+    codes = np.asarray(codes, np.float64)
+    return {"mean": codes.mean(0).astype(np.float32), "std": codes.std(0).astype(np.float32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,12 +65,15 @@ class DiffusionAutoencoder:
     """Encode / invert / decode with a semantic-conditioned eps-model ``decoder.apply(x_t, t, z)``."""
 
     decoder: Any  # a DiffAEUNet
-    encode: EncodeFn
+    encode: EncodeFn  # the code the decoder is conditioned on (see :func:`standardized`)
     schedule: NoiseSchedule
     num_steps: int = 20  # DDIM steps for inversion and for decoding
+    prediction: str = "eps"  # what the decoder outputs: "eps", "v" or "x0"
+    clip_x0: bool = False  # clamp the predicted clean image to [-1, 1] at every DDIM step
 
     def eps_fn(self, dec_params):
-        return lambda x, t, z: self.decoder.apply({"params": dec_params}, x, t, z)
+        net = lambda x, t, z: self.decoder.apply({"params": dec_params}, x, t, z)
+        return as_eps_fn(net, self.schedule, self.prediction, self.clip_x0)
 
     def invert(self, dec_params, x0: jax.Array, z: jax.Array) -> jax.Array:
         """x_T = DDIM-invert(x0 | z): [B, R, R, C], [B, D] -> [B, R, R, C]."""

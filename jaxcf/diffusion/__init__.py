@@ -10,9 +10,10 @@ from jaxcf.diffusion.ddim import (
     guided_eps,
     predict_x0,
 )
+from jaxcf.diffusion.losses import PREDICTIONS, as_eps_fn, denoising_loss
 from jaxcf.diffusion.schedules import SCHEDULES, NoiseSchedule, ddim_timesteps, grid_alphas, make_schedule
 
 __all__ = [
-    "SCHEDULES", "NoiseSchedule", "ddim_invert", "ddim_sample", "ddim_step", "ddim_timesteps", "eps_from_v",
+    "PREDICTIONS", "SCHEDULES", "NoiseSchedule", "as_eps_fn", "denoising_loss", "ddim_invert", "ddim_sample", "ddim_step", "ddim_timesteps", "eps_from_v",
     "grid_alphas", "guidance_gradient", "guided_denoise", "guided_eps", "make_schedule", "predict_x0",
 ]

@@ -209,12 +209,15 @@ def example_inputs(cfg: DiffAEConfig, batch: int = 1) -> tuple[jax.ShapeDtypeStr
             jax.ShapeDtypeStruct((batch, cfg.semantic_dim), jnp.float32))
 
 
-def init_params(model: DiffAEUNet, rng: jax.Array, zero_out: bool = False) -> dict:
+def init_params(model: DiffAEUNet, rng: jax.Array, zero_out: bool = False, zero_cond: bool = False) -> dict:
     """Random parameters with flax's default distributions (:func:`jaxcf.models.init.fast_init`),
     in about a second where ``model.init`` takes minutes on a CPU.
 
     zero_out: DiffAE's ``zero_module`` init: ``conv2`` of every residual block and ``conv_out``
     start at zero (each block starts as the identity, eps_theta as 0).
+    zero_cond: every semantic projection ``cond_emb_proj`` starts at zero, so h * (1 + Lin(SiLU(z)))
+    starts as the identity and the code's influence grows from nothing during training.
     """
-    zero = lambda path, shape: 0.0 if path[-2] in ("conv2", "conv_out") else None
-    return fast_init(model, *example_inputs(model.config), rng=rng, std_fn=zero if zero_out else None)["params"]
+    zeroed = (("conv2", "conv_out") if zero_out else ()) + (("cond_emb_proj",) if zero_cond else ())
+    zero = lambda path, shape: 0.0 if path[-2] in zeroed else None
+    return fast_init(model, *example_inputs(model.config), rng=rng, std_fn=zero if zeroed else None)["params"]

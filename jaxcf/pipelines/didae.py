@@ -35,10 +35,11 @@ from absl import logging
 from jaxcf import configs as cfgs
 from jaxcf.data.common import ArrayDataset, padded_batches
 from jaxcf.didae import cfkd
-from jaxcf.didae.autoencoder import DiffusionAutoencoder, clip_encode_fn, semantic_cond, square_encode_fn
+from jaxcf.didae.autoencoder import (DiffusionAutoencoder, clip_encode_fn, code_statistics, semantic_cond,
+                                     square_encode_fn, standardized)
 from jaxcf.didae.dictionary import (apply_atom_edits, boundary_edit, procrustes_dictionary, project_out,
                                     reflection_edit, svd_dictionary)
-from jaxcf.diffusion import SCHEDULES, make_schedule
+from jaxcf.diffusion import PREDICTIONS, SCHEDULES, make_schedule
 from jaxcf.models.init import fast_init, num_params
 from jaxcf.models.registry import build_model
 from jaxcf.pipelines.diffusion import train_eps_model
@@ -73,6 +74,9 @@ def validate(config) -> None:
         cfgs.check_int(c, field, 1)
     cfgs.check_range(c, "data.agree_fraction", 0.0, 1.0)
     cfgs.check_choice(c, "decoder.train.weights", ("ema", "final"))
+    cfgs.check_choice(c, "decoder.train.prediction", PREDICTIONS)
+    for field in ("decoder.standardize_z", "decoder.clip_x0", "decoder.train.zero_cond"):
+        cfgs.check_choice(c, field, (True, False))
     cfgs.check_range(c, "decoder.train.ema_decay", 0.0, 1.0, high_open=True)
     cfgs.check_range(c, "edit.lam", 0.0, 10.0, low_open=True)
     cfgs.check_range(c, "cfkd.mix", 0.0, 1.0, high_open=True)
@@ -119,8 +123,12 @@ def embed_dim(c) -> int | None:
     return c.encoder.embed_dim if c.encoder.kind == "square" else None
 
 
+# decoder fields that are not UNet hyper-parameters
+DECODER_SETTINGS = ("train", "standardize_z", "clip_x0")
+
+
 def decoder_model(c, semantic_dim: int):
-    cfg = {k: v for k, v in c.decoder.to_dict().items() if k != "train"}
+    cfg = {k: v for k, v in c.decoder.to_dict().items() if k not in DECODER_SETTINGS}
     cfg.setdefault("resolution", c.data.resolution)
     cfg["semantic_dim"] = semantic_dim
     try:
@@ -305,28 +313,50 @@ def clip_encoder(config):
 
 
 def build_autoencoder(config, data: DidaeData, workdir: str, mesh):
-    """(DiffusionAutoencoder, enc_params, dec_params): Phi and the decoder trained with Phi frozen."""
+    """(DiffusionAutoencoder, enc_params, dec_params): Phi and the decoder trained with Phi frozen.
+
+    With ``decoder.standardize_z`` the autoencoder's code is Phi standardised by the pool's
+    per-dimension mean and std (stored beside the decoder weights as ``decoder_code``); the
+    decoder is conditioned on it and the dictionaries and edits live in that space.
+    """
     if config.encoder.kind == "square":
         encode, enc_params, D = square_encoder(config, data, workdir, mesh)
     else:
         encode, enc_params, D = clip_encoder(config)
+    dc = config.decoder
+    meta = foundation_meta(config, "decoder", D)
+    if dc.standardize_z:
+        def statistics():
+            codes = batched(encode, mesh, config.eval.batch_size)(enc_params, images_of(data.pool))
+            return {k: jnp.asarray(v) for k, v in code_statistics(codes).items()}
+
+        template = {"mean": np.zeros(D, np.float32), "std": np.ones(D, np.float32)}
+        stats = _cached("decoder_code", template, meta, config, workdir, statistics)
+        encode = standardized(encode, np.asarray(stats["mean"]), np.asarray(stats["std"]))
     decoder = decoder_model(config, D)
     sc = config.schedule
     schedule = make_schedule(sc.name, sc.num_train_timesteps, sc.beta_start, sc.beta_end)
     from jaxcf.models.diffae_unet import init_params
 
     def train():
-        return train_eps_model(decoder, schedule, data.pool, config.decoder.train,
+        init = init_params(decoder, jax.random.key(config.foundation.seed + 1), zero_cond=dc.train.zero_cond)
+        return train_eps_model(decoder, schedule, data.pool, dc.train,
                                io.join(workdir, "foundation", "decoder_run"), mesh, seed=config.foundation.seed,
                                log_every=config.log_every, checkpoint_every=config.checkpoint_every,
-                               keep=config.keep_checkpoints, desc="foundation: decoder",
-                               init_params=init_params(decoder, jax.random.key(config.foundation.seed + 1)),
+                               keep=config.keep_checkpoints, desc="foundation: decoder", init_params=init,
                                cond_fn=semantic_cond(encode), frozen=enc_params)
 
-    dec_params = _cached("decoder", jax.device_get(init_params(decoder, jax.random.key(0))),
-                         foundation_meta(config, "decoder", D), config, workdir, train)
+    dec_params = _cached("decoder", jax.device_get(init_params(decoder, jax.random.key(0))), meta, config, workdir,
+                         train)
     logging.info("didae: decoder %d parameters", num_params(dec_params))
-    return DiffusionAutoencoder(decoder, encode, schedule, config.ddim_steps), enc_params, dec_params
+    ae = DiffusionAutoencoder(decoder, encode, schedule, config.ddim_steps, prediction=dc.train.prediction,
+                              clip_x0=dc.clip_x0)
+    return ae, enc_params, dec_params
+
+
+def images_of(ds: ArrayDataset) -> np.ndarray:
+    """All images of a dataset as float32 in [-1, 1]."""
+    return ds.get(np.arange(len(ds)), keys=("image",))["image"]
 
 
 # ----------------------------------------------------------------------------- classifiers

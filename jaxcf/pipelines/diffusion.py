@@ -18,7 +18,7 @@ from absl import logging
 
 from jaxcf import configs as cfgs
 from jaxcf.data.common import get_dataset
-from jaxcf.diffusion import SCHEDULES, ddim_invert, ddim_sample, make_schedule
+from jaxcf.diffusion import SCHEDULES, denoising_loss, ddim_invert, ddim_sample, make_schedule
 from jaxcf.models.init import fast_init
 from jaxcf.models.registry import build_model
 from jaxcf.train import (
@@ -57,25 +57,8 @@ def validate(config) -> None:
 
 
 def eps_mse_loss(model, schedule, cond_fn=None):
-    """The DDPM objective: || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, *cond) ||^2, t ~ U{0..T-1}.
-
-    ``cond_fn(batch, *frozen) -> tuple`` gives the extra model inputs (DiDAE: the semantic code
-    z = Phi(x0) of a frozen encoder whose params come in as ``frozen``); default none.
-    """
-
-    def loss_fn(params, batch, rng, *frozen):
-        x0 = batch["image"]
-        cond = tuple(cond_fn(batch, *frozen)) if cond_fn is not None else ()
-        cond = jax.lax.stop_gradient(cond)
-        k_t, k_e = jax.random.split(rng)
-        t = jax.random.randint(k_t, (x0.shape[0],), 0, schedule.num_train_timesteps)
-        eps = jax.random.normal(k_e, x0.shape)
-        a = schedule.alphas_cumprod[t][:, None, None, None]
-        x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * eps
-        pred = model.apply({"params": params}, x_t, t, *cond)
-        return jnp.mean((pred.astype(jnp.float32) - eps) ** 2), {}
-
-    return loss_fn
+    """The eps-MSE objective (:func:`jaxcf.diffusion.denoising_loss` with prediction="eps")."""
+    return denoising_loss(model, schedule, cond_fn, "eps")
 
 
 def train_eps_model(model, schedule, dataset, train_cfg, workdir: str, mesh, *, seed: int, log_every: int,
@@ -85,7 +68,8 @@ def train_eps_model(model, schedule, dataset, train_cfg, workdir: str, mesh, *, 
 
     Resumes from ``workdir/checkpoints`` if present. ``train_cfg``: steps, batch_size,
     learning_rate, warmup_steps, ema_decay, optional weights ("ema", the default, or "final": the
-    last iterate instead of the average). ``init_params``: ready-made params or a traceable
+    last iterate instead of the average) and prediction ("eps", the default, "v" or "x0": what the
+    network outputs; :func:`jaxcf.diffusion.as_eps_fn` turns it into eps for sampling). ``init_params``: ready-made params or a traceable
     ``rng -> params`` (default :func:`jaxcf.models.init.fast_init` on an unconditional input);
     ``cond_fn`` and ``frozen`` as in :func:`eps_mse_loss` (frozen params are
     passed to the jitted step as a replicated argument).
@@ -104,7 +88,8 @@ def train_eps_model(model, schedule, dataset, train_cfg, workdir: str, mesh, *, 
     if frozen is not None:
         frozen_shardings = param_shardings(frozen, mesh)  # replicated
         frozen = jax.device_put(frozen, frozen_shardings)  # once, not on every step
-    update = jit_update(make_update_fn(eps_mse_loss(model, schedule, cond_fn), tx, ema_decay=train_cfg.ema_decay),
+    loss_fn = denoising_loss(model, schedule, cond_fn, train_cfg.get("prediction", "eps"))
+    update = jit_update(make_update_fn(loss_fn, tx, ema_decay=train_cfg.ema_decay),
                         shardings, mesh, frozen_shardings=frozen_shardings)
 
     def batch_fn(step):
