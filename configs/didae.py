@@ -115,7 +115,7 @@ def get_config(arg=None):
         preset="square_tiny", model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
         attention_resolutions=(8,), norm_groups=8, standardize_z=True, clip_x0=True,
         # weights: "final" (the last iterate) or "ema" (the average, as the paper; shipped)
-        train=dict(steps=4000, batch_size=32, learning_rate=1e-3, warmup_steps=100, ema_decay=0.999,
+        train=dict(steps=8000, batch_size=32, learning_rate=1e-3, warmup_steps=100, ema_decay=0.999,
                    weights="ema", prediction="v", zero_cond=True)))
     c.schedule = ml_collections.ConfigDict(dict(name="linear", num_train_timesteps=1000, beta_start=1e-4,
                                                 beta_end=0.02))
