@@ -71,7 +71,8 @@ def celeba(c):
     c.student.update(width=1.0, steps=3000, batch_size=64)
     c.surrogate.steps = 3000
     c.oracle.update(steps=3000, width=32, num_stages=5)
-    c.cfkd.update(num_inputs=1000, steps=1000, batch_size=64)
+    c.cfkd.update(num_inputs=1000, steps=1000, batch_size=64, ground_truth=False)
+    c.eval.controls = False
     c.eval.update(num_inputs=200, batch_size=64)
     c.checkpoint_every = 500
 
@@ -124,16 +125,22 @@ def get_config(arg=None):
     # top-K right singular vectors of the same held-out codes.
     c.dictionary = ml_collections.ConfigDict(dict(kinds=("procrustes", "svd"), num_atoms=4, factors=SQUARE_FACTORS,
                                                   fit_examples=1000))
-    c.edit = ml_collections.ConfigDict(dict(lam=2.0, guard=1e-6))  # Algorithm 2
+    # Algorithm 2; min_alignment skips atoms whose cosine with the probe is below it (their edits
+    # would be lam |w.z| / (|w| cos) long, far off the codes)
+    c.edit = ml_collections.ConfigDict(dict(lam=2.0, guard=1e-6, min_alignment=0.0))
     # ResNet-18 with the ImageNet stem (7x7/2 conv + max-pool), width 1/4: 0.7M parameters.
     c.student = ml_collections.ConfigDict(dict(kind="resnet18", width=0.25, stem="imagenet", steps=200, batch_size=64,
                                                learning_rate=1e-3))
     c.surrogate = ml_collections.ConfigDict(dict(steps=200, adv_eps=0.06))  # FGSM radius, images in [-1, 1]
     c.oracle = ml_collections.ConfigDict(dict(steps=400, width=16, num_stages=3, batch_size=64,
                                               learning_rate=2e-3))
+    # add_true: also add the "true" counterfactuals (with the flipped label); the official code adds
+    # only the "false" ones, with their source label. ground_truth: also run CFKD on perfect
+    # counterfactuals (inputs re-rendered with one factor moved; Square only), the loop's upper bound.
     c.cfkd = ml_collections.ConfigDict(dict(teachers=("preclustered", "model"), true_factor="ColorA", num_inputs=128,
-                                            mix=0.5, only_flipped=True, steps=150, batch_size=64,
-                                            learning_rate=5e-4))
-    c.eval = ml_collections.ConfigDict(dict(num_inputs=32, batch_size=32, grid_examples=6))
+                                            mix=0.5, only_flipped=True, add_true=False, ground_truth=True,
+                                            steps=150, batch_size=64, learning_rate=5e-4))
+    # controls: identity / fresh-noise / ground-truth-swap checks of the autoencoder (Square only)
+    c.eval = ml_collections.ConfigDict(dict(num_inputs=32, batch_size=32, grid_examples=6, controls=True))
     return select_variant(arg, {"square_tiny": square_tiny, "square": square, "celeba": celeba, "test": test}, c,
                           default="square_tiny")

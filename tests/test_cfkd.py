@@ -37,7 +37,7 @@ def test_linear_edit_form_equals_reflection_and_algorithm_2():
 def test_boundary_edit_guards_and_errors():
     z, omega, mu, _ = _problem(D=6, K=2)
     w = np.zeros(6, np.float32)
-    with pytest.raises(ValueError, match="orthogonal to every atom"):
+    with pytest.raises(ValueError, match="too weakly aligned with every atom"):
         boundary_edit(jnp.asarray(w), jnp.asarray(omega))
     # a probe orthogonal to atom 0 only: atom 0 is left unedited, atom 1 is used
     w = np.asarray(omega[:, 1])

@@ -104,8 +104,21 @@ def test_boundary_inversion_guards_orthogonal_atoms():
     assert np.all(np.isfinite(zk))
     w[1] = 0.0
     w[4] = 1.0
-    with pytest.raises(ValueError, match="orthogonal to every atom"):
+    with pytest.raises(ValueError, match="too weakly aligned with every atom"):
         boundary_inversion(jnp.asarray(z), jnp.asarray(w), jnp.asarray(atoms))
+
+
+def test_boundary_inversion_bound_skips_weakly_aligned_atoms():
+    """min_alignment: an atom at cosine c with the probe moves z by lam |w.z| / (|w| c); atoms below the bound are skipped."""
+    atoms = np.eye(4)[:, :3]
+    w = np.array([1.0, 0.05, 0.5, 0.0])
+    z = np.array([[1.0, 2.0, -1.0, 0.5]])
+    _, valid = boundary_inversion(jnp.asarray(z), jnp.asarray(w), jnp.asarray(atoms))
+    assert list(np.asarray(valid)) == [True, True, True]
+    zk, valid = boundary_inversion(jnp.asarray(z), jnp.asarray(w), jnp.asarray(atoms), min_alignment=0.1)
+    assert list(np.asarray(valid)) == [True, False, True]  # 0.05 / |w| = 0.045 < 0.1
+    np.testing.assert_allclose(np.asarray(zk[1]), z)
+    np.testing.assert_allclose(np.asarray(zk[2] @ w), -(z @ w), rtol=1e-5)  # lam = 2 mirrors the logit
 
 
 def test_dictionary_errors_are_clear():

@@ -59,6 +59,15 @@ def factor_attributes(factors: np.ndarray) -> np.ndarray:
     return np.stack([halves, 1 - halves], axis=2).reshape(len(halves), 8)
 
 
+def swap_factor(factors: np.ndarray, k: int) -> np.ndarray:
+    """Factors [N, 4] with factor k moved to its other half, same offset within the half
+    (colours +-128, positions +-26): the ground-truth intervention on one factor."""
+    f = np.array(factors, dtype=np.int32, copy=True)
+    half = 128 if k < 2 else 26
+    f[:, k] = np.where(f[:, k] >= half, f[:, k] - half, f[:, k] + half)
+    return f
+
+
 def render_square(factors: np.ndarray, rng: np.random.Generator, *, resolution: int = 64,
                   noise_std: float = 20.0) -> tuple[np.ndarray, np.ndarray]:
     """Draws Square images.
@@ -157,3 +166,75 @@ def square_dataset(split: str = "train", *, num_samples: int = 1000, agree_fract
             "factor_names": FACTOR_NAMES, "attribute_names": ATTRIBUTE_NAMES,
             "resolution": resolution}
     return ArrayDataset(arrays, CLASS_NAMES, info)
+
+
+# ----------------------------------------------------------------------------- model-free reader
+
+
+def _box_sums(z: np.ndarray, size: int) -> np.ndarray:
+    """Sums of z [N, R, R] over every size x size window: [N, R - size + 1, R - size + 1] (rows, cols)."""
+    c = np.pad(np.cumsum(np.cumsum(z, axis=1), axis=2), ((0, 0), (1, 0), (1, 0)))
+    return c[:, size:, size:] - c[:, :-size, size:] - c[:, size:, :-size] + c[:, :-size, :-size]
+
+
+def clipped_mean(value: np.ndarray, noise_std: float) -> np.ndarray:
+    """E[clip(value + noise_std * N(0, 1), 0, 255)]: the mean pixel of a flat region of grey ``value``."""
+    from math import erf, exp, pi, sqrt
+
+    v = np.asarray(value, np.float64)
+    if noise_std <= 0:
+        return np.clip(v, 0, 255)
+    cdf = np.vectorize(lambda u: 0.5 * (1 + erf(u / sqrt(2))))
+    pdf = np.vectorize(lambda u: exp(-u * u / 2) / sqrt(2 * pi))
+    lo, hi = (0 - v) / noise_std, (255 - v) / noise_std
+    return v * (cdf(hi) - cdf(lo)) + noise_std * (pdf(lo) - pdf(hi)) + 255 * (1 - cdf(hi))
+
+
+def read_square(images: np.ndarray, *, signed: bool = False, noise_std: float = 20.0) -> dict:
+    """Reads the four Square factors back from pixels by fitting the renderer; no learned model.
+
+    For every placement of the square the least-squares fit of the known template (flat grey
+    background b in all channels, grey-127 border, inner square (a, 0, 0)) has closed-form b and
+    a; the placement with the smallest residual wins. Colours are then corrected for the clipping
+    of the pixel noise at 0 and 255 (the renderer's ``noise_std``; 0: no correction), so that a
+    rendered image reads back its own factors within the noise.
+
+    images: [N, R, R, 3], uint8 / float in [0, 255], or float in [-1, 1] with ``signed=True``.
+    Returns factors float [N, 4] (ColorA, ColorB, PositionX, PositionY; positions in 64-px units,
+    the left/top pixel of the square times 64 / R), pixel [N, 2] int (x, y of the square's
+    top-left pixel) and rms [N] (residual of the fit per pixel value; Square images have about
+    ``noise_std``, off-manifold images more).
+    """
+    x = np.asarray(images, np.float64)
+    if signed:
+        x = (x + 1.0) * 127.5
+    if x.ndim != 4 or x.shape[-1] != 3 or x.shape[1] != x.shape[2]:
+        raise ValueError(f"read_square: images must be [N, R, R, 3]; got {x.shape}")
+    n, r = x.shape[:2]
+    size, border, inner = geometry(r)
+    s1, s2 = x.sum(-1), (x * x).sum(-1)  # over channels: [N, R, R]
+    q1, q2 = _box_sums(s1, size), _box_sums(s2, size)  # square windows at every top-left (y, x)
+    m = r - size + 1
+    crop = lambda a: a[:, :m, :m]  # inner window at offset `border` from the square's corner
+    i1 = crop(_box_sums(s1, inner)[:, border:, border:])
+    i2 = crop(_box_sums(s2, inner)[:, border:, border:])
+    ir1 = crop(_box_sums(x[..., 0], inner)[:, border:, border:])
+    ir2 = crop(_box_sums(x[..., 0] ** 2, inner)[:, border:, border:])
+    n_bg, n_border, n_in = 3 * (r * r - size * size), 3 * (size * size - inner * inner), inner * inner
+    bg1 = s1.sum((1, 2))[:, None, None] - q1
+    bg2 = s2.sum((1, 2))[:, None, None] - q2
+    sse = (bg2 - bg1 ** 2 / n_bg  # background: flat grey at its mean
+           + (q2 - i2) - 2 * BORDER_GREY * (q1 - i1) + BORDER_GREY ** 2 * n_border  # border: grey 127
+           + (ir2 - ir1 ** 2 / n_in) + (i2 - ir2))  # inner: red at its mean, green and blue at 0
+    best = sse.reshape(n, -1).argmin(1)
+    py, px = np.divmod(best, m)
+    rows = np.arange(n)
+    b = bg1[rows, py, px] / n_bg
+    a = ir1[rows, py, px] / n_in
+    if noise_std > 0:  # undo the clipping bias: invert the monotone mean of a clipped noisy grey
+        grid = np.linspace(0, 255, 1021)
+        means = clipped_mean(grid, noise_std)
+        b, a = np.interp(b, means, grid), np.interp(a, means, grid)
+    rms = np.sqrt(np.maximum(sse[rows, py, px], 0) / (3 * r * r))
+    factors = np.stack([a, b, px * 64.0 / r, py * 64.0 / r], axis=1)
+    return {"factors": factors, "pixel": np.stack([px, py], axis=1).astype(np.int32), "rms": rms}

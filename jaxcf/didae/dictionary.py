@@ -76,20 +76,31 @@ def reflect_all(z, omega, mu):
     return z[None] - 2.0 * jnp.einsum("bk,dk->kbd", c, omega)
 
 
-def boundary_inversion(z, w, atoms, lam: float = 2.0, eps: float = 1e-6):
-    """Algorithm 2: z'_k = z - lam (w^T z / w^T u_k) u_k for each atom u_k (columns of atoms [D, K]).
+def atom_alignment(w, atoms, eps: float = 1e-6, min_alignment: float = 0.0):
+    """The guard of Algorithm 2: (w^T u_k [K], valid [K]) for the atoms (columns of atoms [D, K]).
 
-    lam = 2 mirrors the probe's logit (w^T z' = -w^T z); lam = 1 lands on the boundary. Atoms with
-    |w^T u_k| < eps cannot move the logit and are left unedited. Returns (z' [K, B, D], valid [K]).
+    An atom can move the probe's logit when |w^T u_k| >= eps; with ``min_alignment`` > 0 it must
+    also satisfy |w^T u_k| >= min_alignment |w| (the cosine between the probe and a unit atom), a
+    bound on the edit length lam |w^T z| / |w^T u_k| that keeps edits near the code manifold.
+    Raises ValueError (outside jit) when no atom is valid.
     """
     wu = atoms.T @ w  # [K]
-    valid = jnp.abs(wu) >= eps
+    valid = (jnp.abs(wu) >= eps) & (jnp.abs(wu) >= min_alignment * jnp.linalg.norm(w))
     if not isinstance(wu, jax.core.Tracer) and not bool(jnp.any(valid)):
-        raise ValueError(f"the probe is orthogonal to every atom (|w.u_k| < {eps} for all K={atoms.shape[1]}): "
-                         "no atom can move its decision; use other atoms or another probe")
-    step = jnp.where(valid, 1.0 / jnp.where(valid, wu, 1.0), 0.0)  # [K]
-    wz = z @ w  # [B]
-    return z[None] - lam * jnp.einsum("b,k,dk->kbd", wz, step, atoms), valid
+        raise ValueError(f"the probe is too weakly aligned with every atom (|w.u_k| < max({eps}, {min_alignment} |w|) "
+                         f"for all K={atoms.shape[1]}): no atom can move its decision; use other atoms, another probe "
+                         "or a smaller min_alignment")
+    return wu, valid
+
+
+def boundary_inversion(z, w, atoms, lam: float = 2.0, eps: float = 1e-6, min_alignment: float = 0.0):
+    """Algorithm 2: z'_k = z - lam (w^T z / w^T u_k) u_k for each atom u_k (columns of atoms [D, K]).
+
+    lam = 2 mirrors the probe's logit (w^T z' = -w^T z); lam = 1 lands on the boundary. Atoms that
+    fail the guard (:func:`atom_alignment`) are left unedited. Returns (z' [K, B, D], valid [K]).
+    """
+    (U, V, alpha), valid = boundary_edit(w, atoms, lam, eps, min_alignment)
+    return apply_atom_edits(z, jnp.zeros_like(z[0]), U, V, alpha), valid
 
 
 def reflection_edit(omega):
@@ -97,16 +108,12 @@ def reflection_edit(omega):
     return omega, omega, jnp.full((omega.shape[1],), 2.0, omega.dtype)
 
 
-def boundary_edit(w, atoms, lam: float = 2.0, eps: float = 1e-6):
+def boundary_edit(w, atoms, lam: float = 2.0, eps: float = 1e-6, min_alignment: float = 0.0):
     """Algorithm 2 in the linear form of :func:`apply_atom_edits`: returns ((U, V, alpha), valid [K]).
 
-    Same checks and guard as :func:`boundary_inversion`; invalid atoms get alpha = 0 (no edit).
+    The guard of :func:`atom_alignment`; invalid atoms get alpha = 0 (no edit).
     """
-    wu = atoms.T @ w  # [K]
-    valid = jnp.abs(wu) >= eps
-    if not isinstance(wu, jax.core.Tracer) and not bool(jnp.any(valid)):
-        raise ValueError(f"the probe is orthogonal to every atom (|w.u_k| < {eps} for all K={atoms.shape[1]}): "
-                         "no atom can move its decision; use other atoms or another probe")
+    wu, valid = atom_alignment(w, atoms, eps, min_alignment)
     alpha = jnp.where(valid, lam / jnp.where(valid, wu, 1.0), 0.0)
     V = jnp.broadcast_to(w[:, None], atoms.shape)
     return (atoms, V, alpha), valid

@@ -34,7 +34,7 @@ from absl import logging
 
 from jaxcf import configs as cfgs
 from jaxcf.data.common import ArrayDataset, padded_batches
-from jaxcf.didae import cfkd
+from jaxcf.didae import cfkd, controls
 from jaxcf.didae.autoencoder import (DiffusionAutoencoder, clip_encode_fn, code_statistics, semantic_cond,
                                      square_encode_fn, standardized)
 from jaxcf.didae.dictionary import (apply_atom_edits, boundary_edit, procrustes_dictionary, project_out,
@@ -79,6 +79,12 @@ def validate(config) -> None:
         cfgs.check_choice(c, field, (True, False))
     cfgs.check_range(c, "decoder.train.ema_decay", 0.0, 1.0, high_open=True)
     cfgs.check_range(c, "edit.lam", 0.0, 10.0, low_open=True)
+    cfgs.check_range(c, "edit.min_alignment", 0.0, 1.0, high_open=True)
+    for field in ("cfkd.add_true", "cfkd.ground_truth", "eval.controls"):
+        cfgs.check_choice(c, field, (True, False))
+    if c.data.name != "square" and (c.cfkd.ground_truth or c.eval.controls):
+        raise cfgs.ConfigError("config.cfkd.ground_truth and config.eval.controls need data.name='square' (they "
+                               "re-render inputs from their factors); set them to False")
     cfgs.check_range(c, "cfkd.mix", 0.0, 1.0, high_open=True)
     cfgs.check_range(c, "surrogate.adv_eps", 0.0, 2.0)
     for field, allowed in (("dictionary.kinds", DICTIONARIES), ("cfkd.teachers", TEACHERS)):
@@ -228,14 +234,21 @@ def load_data(config) -> DidaeData:
 def batched(fn: Callable, mesh, batch_size: int):
     """``fn(params, x, *rest)`` jitted, applied to a numpy x of any length in fixed-size padded
     batches (one compilation) split over the data axis; returns numpy, stacked on axis ``axis``
-    of each output (1 for counterfactuals shaped [K, B, ...])."""
+    of each output (1 for counterfactuals shaped [K, B, ...]). x may be a tuple of arrays with
+    the same first axis (batched together)."""
     d = mesh.shape["data"]
     bs = max(d, batch_size - batch_size % d)
     jitted = jax.jit(fn)
 
+    def chunks(x):
+        if not isinstance(x, tuple):
+            return padded_batches(x, bs)
+        parts = [list(padded_batches(a, bs)) for a in x]
+        return [(tuple(p[0] for p in group), group[0][1]) for group in zip(*parts)]
+
     def run(params, x, *rest, axis: int = 0):
         outs = []
-        for chunk, n in padded_batches(x, bs):  # every process holds x; device_put hands out the rows
+        for chunk, n in chunks(x):  # every process holds x; device_put hands out the rows
             out = jitted(params, jax.device_put(chunk, data_sharding(mesh)), *rest)
             outs.append(jax.tree_util.tree_map(lambda o: np.take(to_host(o), np.arange(n), axis=axis), out))
         return jax.tree_util.tree_map(lambda *o: np.concatenate(o, axis=axis), *outs)
@@ -549,6 +562,7 @@ def run(config, workdir: str, mesh):
     dec_params = jax.device_put(frozen_params(dec_params, dtype), replicated(mesh))
     eb = config.eval.batch_size
     encode = batched(lambda p, x: ae.encode(p, x), mesh, max(eb, 64))
+    square = config.data.name == "square"
 
     def images(ds, idx=None):
         return ds.get(np.arange(len(ds)) if idx is None else idx, keys=("image",))["image"]
@@ -595,6 +609,8 @@ def run(config, workdir: str, mesh):
     before = evaluate(poisoned)
     oracle_test = predict_oracle(oracle_params, test_x)
     results = {"pipeline": "didae", "variant": config.variant, "embedding_dim": int(D),
+               "controls": autoencoder_controls(config, ae, enc_params, dec_params, data, mesh, workdir)
+               if square and config.eval.controls else None,
                "decoder_parameters": num_params(dec_params), "student": config.student.kind,
                "before": before, "oracle_aga": cfkd.aga(np.argmax(oracle_test[:, :2], -1), test["label"],
                                                         test["group"]),
@@ -633,6 +649,19 @@ def run(config, workdir: str, mesh):
     cf_x = train_x[cf_idx]
     cf_y = data.train.arrays["label"][cf_idx]
     p_student_src = pred_train[cf_idx]
+    cf_factors = square_factors(data.train)[cf_idx] if square else None
+    target = 1 - p_student_src
+
+    def student_flips(x_cf):  # [K, B] student p(target | x') >= 0.51 (and the surrogate's probabilities)
+        p_s = np.stack([predict_student(poisoned, xk, frozen)[np.arange(len(cf_x)), target] for xk in x_cf])
+        p_sur = np.stack([predict_student(surrogate, xk, frozen)[np.arange(len(cf_x)), target] for xk in x_cf])
+        return p_s, p_sur
+
+    def kept(flipped, valid, is_true):
+        """Which counterfactuals CFKD adds: flipped ones (cfkd.only_flipped) of valid atoms, and
+        "true" ones only with cfkd.add_true (the official code adds only "false" ones)."""
+        keep = flipped if config.cfkd.only_flipped else np.broadcast_to(valid[:, None], flipped.shape)
+        return keep & (~is_true if not config.cfkd.add_true else True)
 
     # train-set codes for distillation (Algorithm 2, step 1): the student's hard labels
     z_train = encode(enc_params, train_x)
@@ -644,6 +673,8 @@ def run(config, workdir: str, mesh):
         x_ref = generate(eval_x, (*reflection_edit(jnp.asarray(omega)), mu))
         f_after = np.stack([factors_of(xk) for xk in x_ref])
         matrix = cfkd.disentanglement_matrix(factor_before, f_after)
+        if square:  # the same question asked of the pixels (a model-free reader; cannot be fooled)
+            out["disentanglement_matrix_reader"] = controls.reader_disentanglement(eval_x, x_ref).tolist()
         # the preclustered teacher labels atoms once: a Procrustes atom by construction (atom k was
         # fitted to factor k), an SVD atom by the factor its reflection changes most
         atom_true = (np.arange(len(matrix)) == true_factor) if kind == "procrustes" else \
@@ -667,24 +698,24 @@ def run(config, workdir: str, mesh):
         w = cfkd.distill_probe(z_train - mu, pred_train)
         out["probe_agreement"] = cfkd.probe_agreement(z_train - mu, w, pred_train)
         (U, V, alpha), valid = boundary_edit(jnp.asarray(w), jnp.asarray(omega), config.edit.lam,
-                                             config.edit.guard)
+                                             config.edit.guard, config.edit.min_alignment)
         t0 = time.time()
         x_cf = generate(cf_x, (U, V, alpha, mu))
         seconds = time.time() - t0
         K = x_cf.shape[0]
         out["cf_per_second"] = K * len(cf_x) / seconds
-        target = 1 - p_student_src
-        p_s = np.stack([predict_student(poisoned, xk, frozen)[np.arange(len(cf_x)), target] for xk in x_cf])
-        p_sur = np.stack([predict_student(surrogate, xk, frozen)[np.arange(len(cf_x)), target] for xk in x_cf])
+        p_s, p_sur = student_flips(x_cf)
         valid = np.asarray(valid)
+        out["atoms_skipped"] = int(np.sum(~valid))
+        out["edit_length"] = edit_lengths(encode(enc_params, cf_x), (U, V, alpha, mu), z_fit).tolist()
         out["flip_rate"] = cfkd.flip_rate(p_s[valid])
         out["nafr"] = cfkd.nafr(p_s[valid], p_sur[valid])
         out["flip_rate_per_atom"] = [cfkd.flip_rate(p_s[k]) for k in range(K)]
         flipped = cfkd.flips(p_s) & valid[:, None]
-        keep = flipped if config.cfkd.only_flipped else np.broadcast_to(valid[:, None], flipped.shape)
         if writer_ok:
             g = min(config.eval.grid_examples, len(cf_x))
             _grid([cf_x[:g]] + [x_cf[k, :g] for k in range(K)], io.join(workdir, f"counterfactuals_{kind}.png"))
+            save_counterfactuals(io.join(workdir, f"counterfactuals_{kind}.npz"), cf_x, x_cf, cf_y, cf_factors, flipped)
 
         # 5. teachers and CFKD
         oracle_cf = np.stack([np.argmax(predict_oracle(oracle_params, xk)[:, :2], -1) for xk in x_cf])
@@ -694,6 +725,7 @@ def run(config, workdir: str, mesh):
                 is_true, labels = cfkd.preclustered_labels(atom_true, cf_y)
             else:
                 is_true, labels = cfkd.model_teacher_labels(oracle_x, oracle_cf, cf_y)
+            keep = kept(flipped, valid, is_true)
             x_add, y_add = cfkd.counterfactual_training_set(x_cf, labels, keep)
             tag = f"{kind}_{teacher}"
             after = finetune(tag, x_add, y_add) if len(y_add) else None
@@ -705,6 +737,28 @@ def run(config, workdir: str, mesh):
             rows.append(row)
             print(f"didae: CFKD {tag}: {row}", flush=True)
         per_dict[kind] = out
+
+    if square and config.cfkd.ground_truth:
+        # control: the same loop fed with perfect counterfactuals (each input re-rendered with
+        # factor k moved to its other half; the preclustered teacher's labels are exact here)
+        x_gt = controls.ground_truth_counterfactuals(cf_factors, config.data.resolution, config.seed)
+        p_s, _ = student_flips(x_gt)
+        flipped, valid = cfkd.flips(p_s), np.ones(len(x_gt), bool)
+        is_true, labels = cfkd.preclustered_labels(np.arange(len(x_gt)) == true_factor, cf_y)
+        keep = kept(flipped, valid, is_true)
+        x_add, y_add = cfkd.counterfactual_training_set(x_gt, labels, keep)
+        if writer_ok:
+            save_counterfactuals(io.join(workdir, "counterfactuals_ground_truth.npz"), cf_x, x_gt, cf_y, cf_factors,
+                                 flipped)
+        after = finetune("ground_truth", x_add, y_add) if len(y_add) else None
+        row = dict(dictionary="ground truth", teacher="preclustered", counterfactuals=int(len(y_add)),
+                   true=int(np.sum(is_true & keep)), false=int(np.sum(~is_true & keep)),
+                   flip_rate=cfkd.flip_rate(p_s))
+        if after is not None:
+            row.update(aga=after["aga"], worst_group=after["worst_group"], gain=cfkd.gain(before["aga"], after["aga"]),
+                       group_accuracy=after["group_accuracy"])
+        rows.append(row)
+        print(f"didae: CFKD with ground-truth counterfactuals: {row}", flush=True)
 
     # projection baseline: a probe on Phi with the non-causal atoms projected out
     z_test = encode(enc_params, test_x)
@@ -723,6 +777,59 @@ def run(config, workdir: str, mesh):
     if writer_ok:
         write_report(results, workdir)
     return results
+
+
+def square_factors(ds: ArrayDataset) -> np.ndarray:
+    """The integer Square factors [N, 4] of a split (stored scaled to [0, 1])."""
+    scale = np.array([255.0, 255.0, 51.0, 51.0], np.float32)
+    return np.rint(ds.arrays["factors"] * scale).astype(np.int32)
+
+
+def edit_lengths(z, edit, z_fit) -> np.ndarray:
+    """Mean ||z'_k - z|| per atom [K] in units of the codes' spread, the RMS distance of the fit
+    codes from their mean: 2 or more means an edit leaves the region the codes occupy."""
+    U, V, alpha, mu = (jnp.asarray(a, jnp.float32) for a in edit)
+    dz = apply_atom_edits(jnp.asarray(z), mu, U, V, alpha) - jnp.asarray(z)[None]  # [K, B, D]
+    spread = np.sqrt(np.mean(np.sum((z_fit - z_fit.mean(0)) ** 2, axis=1)))
+    return np.asarray(jnp.linalg.norm(dz, axis=-1).mean(1)) / spread
+
+
+def save_counterfactuals(path: str, x, x_cf, labels, factors, flipped) -> None:
+    """One counterfactual set as .npz: inputs [B, ...] and counterfactuals [K, B, ...] as uint8,
+    source labels, the inputs' factors (Square) and which counterfactuals flipped the student."""
+    to_u8 = lambda a: np.clip(np.rint((np.asarray(a) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    arrays = dict(inputs=to_u8(x), counterfactuals=to_u8(x_cf), labels=np.asarray(labels),
+                  flipped=np.asarray(flipped))
+    if factors is not None:
+        arrays["factors"] = np.asarray(factors)
+    buf = BytesIO()
+    np.savez_compressed(buf, **arrays)
+    io.write_bytes(path, buf.getvalue())
+
+
+def autoencoder_controls(config, ae, enc_params, dec_params, data: DidaeData, mesh, workdir: str) -> dict:
+    """Identity / fresh-noise / ground-truth-swap controls on the first eval inputs of the test set,
+    read by the pixel reader (:mod:`jaxcf.didae.controls`); a PNG of them in the workdir."""
+    eb = config.eval.batch_size
+    encode = batched(lambda p, x: ae.encode(p[0], x), mesh, eb)
+    invert = batched(lambda p, xz: ae.invert(p[1], xz[0], xz[1]), mesh, eb)
+    decode = batched(lambda p, xz: ae.decode(p[1], xz[0], xz[1]), mesh, eb)
+    params = (enc_params, dec_params)
+    n = min(config.eval.num_inputs, len(data.test))
+    x = images_of(data.test)[:n]
+    out = controls.generator_controls(
+        x, square_factors(data.test)[:n], lambda x: encode(params, x), lambda x, z: invert(params, (x, z)),
+        lambda x_T, z: decode(params, (x_T, z)), seed=config.seed)
+    images = out.pop("images")
+    if jax.process_index() == 0:
+        g = min(config.eval.grid_examples, n)
+        names = ["input", "reconstruction", "fresh_noise"] + [f"{p}_{f}" for f in controls.FACTOR_NAMES
+                                                              for p in ("target", "swap")]
+        _grid([images[k][:g] for k in names], io.join(workdir, "controls.png"))
+    print(f"didae: controls (pixel reader, mean |error|): identity {out['identity']}, fresh noise "
+          f"{out['fresh_noise']}, swap moved (median fraction) "
+          f"{ {k: round(v['moved_fraction_median'], 2) for k, v in out['swap'].items()} }", flush=True)
+    return out
 
 
 def _finetuner(config, student: Classifier, poisoned, x_orig: ArrayDataset, evaluate: Callable, workdir: str, mesh,
