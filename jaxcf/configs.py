@@ -74,6 +74,36 @@ def check_range(config, field: str, low: float, high: float, low_open: bool = Fa
         raise ConfigError(f"config.{field}={value!r} must be in {lb}{low}, {high}{rb}")
 
 
+def parse_mesh(text: str) -> list[tuple[str, int]]:
+    """``--config.mesh`` from the command line: ``data:-1,model:2`` or a Python literal
+    (``"[('data', -1), ('model', 2)]"``) -> ``[("data", -1), ("model", 2)]``."""
+    import ast
+
+    bad = ConfigError(f"--config.mesh={text!r} must be axis:size pairs such as 'data:-1' or 'data:4,model:2' "
+                      "(one size may be -1: the remaining devices)")
+    text = text.strip()
+    if text[:1] in "[(":
+        try:
+            value = ast.literal_eval(text)
+        except (SyntaxError, ValueError):
+            raise bad from None
+    else:
+        value = []
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, sep, size = part.partition(":")
+            try:
+                value.append((name.strip(), int(size)))
+            except ValueError:
+                raise bad from None
+            if not sep or not name.strip():
+                raise bad
+    if not isinstance(value, (list, tuple)) or not value or not all(
+            isinstance(a, (list, tuple)) and len(a) == 2 and isinstance(a[0], str) and type(a[1]) is int
+            for a in value):
+        raise bad
+    return [(str(a[0]), int(a[1])) for a in value]
+
+
 def validate_common(config) -> None:
     from jaxcf.train.mesh import PARAM_SHARDINGS
 

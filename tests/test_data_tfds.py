@@ -145,5 +145,5 @@ def test_tfds_errors(tfds_dir, tmp_path):
         get_dataset("tfds:caltech101", classes=["unicorn"], data_dir=tfds_dir)
     with pytest.raises(ValueError, match="tfds dataset name"):
         get_dataset("tfds:no_such_dataset", data_dir=tfds_dir)
-    with pytest.raises(FileNotFoundError, match="download=True"):
+    with pytest.raises(FileNotFoundError, match="'dtd' is not prepared under"):
         get_dataset("tfds:dtd", data_dir=str(tmp_path))

@@ -150,7 +150,7 @@ def test_foundation_export_import(workdir):
 
 
 def test_dicap_report_and_cached_counterfactuals(workdir, request):
-    from jaxcf.pipelines.dicap import cached_counterfactuals, write_report
+    from jaxcf.pipelines.dicap import cached_counterfactuals, counterfactual_key, write_report
     from tests.test_main import ROOT, load_config
 
     config = load_config(os.path.join(ROOT, "configs", "dicap.py"), "test")
@@ -169,8 +169,9 @@ def test_dicap_report_and_cached_counterfactuals(workdir, request):
 
     # a cached counterfactual set is found again in the workdir, without touching any model
     cf = config.counterfactual
-    name = f"seed0_{cf.target}_s{cf.scale:g}_d{cf.depth:g}_n{cf.ddim_steps}_{cf.guide_on}.npz"
+    text_feats = np.ones((4, 3), np.float32)
+    name = f"seed0_{cf.target}_s{cf.scale:g}_{counterfactual_key(config, 0, x, text_feats, 'f0')}.npz"
     io.write_npz(io.join(workdir, "counterfactuals", name), x=x, x_cf=x + 1, y_cf=y_cf)
-    x_cf, got_y = cached_counterfactuals(None, x, y, None, config, 0, workdir, mesh=None)
+    x_cf, got_y = cached_counterfactuals(None, x, y, text_feats, config, 0, workdir, mesh=None, foundation_digest="f0")
     np.testing.assert_array_equal(x_cf, x + 1)
     np.testing.assert_array_equal(got_y, y_cf)

@@ -22,6 +22,7 @@ Any other tfds dataset with "image" and a ClassLabel "label" works with "_" -> "
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import re
 import zlib
@@ -186,10 +187,30 @@ def _resize_center_crop(tf, image, resolution: int):
 # ----------------------------------------------------------------------------- builder
 
 
+class DatasetNotPreparedError(FileNotFoundError):
+    """A tfds dataset that is not prepared under the data_dir given (a user-fixable problem)."""
+
+
+def not_prepared(name: str, data_dir: str | None) -> str | None:
+    """A message if tfds ``name`` is clearly not prepared in the local folder ``data_dir`` (checked
+    without importing TensorFlow, so that a run can stop before it builds anything); else None."""
+    if not data_dir or "://" in str(data_dir) or name.split("/")[0] not in SPECS:
+        return None  # tfds' default folder, a bucket, or a dataset jaxcf does not know: left to tfds
+    root = os.path.join(os.path.expanduser(str(data_dir)), name.split("/")[0])
+    for depth in ("*", "*/*"):  # <name>/<version>/ or <name>/<config>/<version>/
+        if glob.glob(os.path.join(root, depth, "dataset_info.json")):
+            return None
+    return (f"tfds dataset {name!r} is not prepared under data_dir={data_dir!r} (no {root}/<version>/"
+            f"dataset_info.json); run `tfds build {name} --data_dir={data_dir}` or point data_dir at a prepared copy")
+
+
 def _builder(name: str, data_dir: str | None, download: bool, config: str | None,
              num_threads: int | None):
-    tf, tfds = _tf(num_threads)
     full = f"{name}/{config}" if config else name
+    problem = None if download else not_prepared(full, data_dir)
+    if problem:  # before TensorFlow is imported
+        raise DatasetNotPreparedError(problem)
+    tf, tfds = _tf(num_threads)
     try:
         builder = tfds.builder(full, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
@@ -197,7 +218,7 @@ def _builder(name: str, data_dir: str | None, download: bool, config: str | None
                          "any tfds dataset with 'image' and a ClassLabel 'label' works.") from e
     if not builder.is_prepared():
         if not download:
-            raise FileNotFoundError(
+            raise DatasetNotPreparedError(
                 f"tfds dataset {full!r} is not prepared under data_dir={builder.data_dir_root!r}. "
                 f"Pass download=True (needs network; imagenet2012 needs a manual download), or "
                 f"run `tfds build {full} --data_dir=...`, or point data_dir= at a prepared copy.")

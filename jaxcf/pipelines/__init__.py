@@ -33,8 +33,12 @@ def check_workdir(workdir: str | None) -> str:
     return workdir
 
 
-def run(config, workdir: str):
-    """Validates everything, builds the mesh, and runs the pipeline named by ``config.pipeline``."""
+def run(config, workdir: str, break_lock: bool = False):
+    """Validates everything, builds the mesh, and runs the pipeline named by ``config.pipeline``.
+
+    The workdir is locked for the run (:class:`jaxcf.utils.lock.WorkdirLock`, process 0): a second
+    run on it stops with :class:`~jaxcf.utils.lock.LockError`; ``break_lock`` removes a lock first.
+    """
     from jaxcf.train.mesh import make_mesh
 
     workdir = check_workdir(workdir)
@@ -45,8 +49,17 @@ def run(config, workdir: str):
         mesh = make_mesh(config.mesh)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    write_config(config, workdir)
-    return pipeline.run(config, workdir, mesh)
+    with _workdir_lock(workdir, break_lock):
+        write_config(config, workdir)
+        return pipeline.run(config, workdir, mesh)
+
+
+def _workdir_lock(workdir: str, break_lock: bool):
+    import contextlib
+
+    from jaxcf.utils.lock import WorkdirLock
+
+    return WorkdirLock(workdir, break_lock) if io.is_writer() else contextlib.nullcontext()
 
 
 def write_config(config, workdir: str) -> None:

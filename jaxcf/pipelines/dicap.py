@@ -44,6 +44,7 @@ from jaxcf.train import (
     stream_indices,
     to_host,
     train_loop,
+    tree_digest,
     warmup_cosine,
 )
 from jaxcf.utils import io
@@ -76,6 +77,12 @@ def validate(config) -> None:
             raise cfgs.ConfigError("config.data.base_classes needs at least 2 classes (y_cf must differ from y)")
     elif not config.data.name.startswith("tfds:"):
         raise cfgs.ConfigError(f"config.data.name={config.data.name!r} is not allowed; allowed: 'shapes', 'tfds:<name>'")
+    else:
+        from jaxcf.data.tfds_data import not_prepared
+
+        problem = not_prepared(config.data.name[len("tfds:"):], config.data.data_dir)
+        if problem:
+            raise cfgs.ConfigError(f"config.data.name={config.data.name!r}: {problem} (config.data.data_dir)")
     if config.foundation.kind == "pretrained":
         if config.data.name == "shapes":
             raise cfgs.ConfigError("config.foundation.kind='pretrained' needs a real dataset (config.data.name='tfds:...')")
@@ -136,11 +143,24 @@ def counterfactuals(found: Foundation, x: np.ndarray, y_cf: np.ndarray, text_fea
     return np.clip(np.concatenate(out)[:n], -1.0, 1.0)
 
 
-def cached_counterfactuals(found, x, y, text_feats, config, seed, workdir, mesh):
-    """(x_cf, y_cf), from ``workdir/counterfactuals/*.npz`` when the same settings made them before."""
+def counterfactual_key(config, seed: int, x, text_feats, foundation_digest: str) -> str:
+    """Everything that shapes a seed's counterfactuals, hashed: the counterfactual settings (all of
+    ``config.counterfactual`` but its batch size: guidance scale, depth, steps, target, template,
+    logit scale, ...), the dtype, the foundation weights, the class text features and the shots."""
+    import hashlib
+
+    cf = {k: v for k, v in config.counterfactual.to_dict().items() if k != "batch_size"}
+    parts = dict(seed=seed, counterfactual=cf, dtype=config.dtype, foundation=foundation_digest,
+                 text_features=tree_digest(np.asarray(text_feats)), shots=tree_digest(x))
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_counterfactuals(found, x, y, text_feats, config, seed, workdir, mesh, foundation_digest: str):
+    """(x_cf, y_cf), from ``workdir/counterfactuals/*.npz`` when the same settings made them before
+    (the file name holds :func:`counterfactual_key`)."""
     cf = config.counterfactual
-    name = f"seed{seed}_{cf.target}_s{cf.scale:g}_d{cf.depth:g}_n{cf.ddim_steps}_{cf.guide_on}.npz"
-    path = io.join(workdir, "counterfactuals", name)
+    key = counterfactual_key(config, seed, x, text_feats, foundation_digest)
+    path = io.join(workdir, "counterfactuals", f"seed{seed}_{cf.target}_s{cf.scale:g}_{key}.npz")
     if io.exists(path):
         z = io.read_npz(path)
         if z["x"].shape == x.shape and np.array_equal(z["x"], x):
@@ -251,6 +271,7 @@ class TfdsSource:
 
     def __init__(self, config):
         from jaxcf.data.common import get_dataset
+        from jaxcf.data.tfds_data import DatasetNotPreparedError
 
         self.d = config.data
         self.get = get_dataset
@@ -260,8 +281,9 @@ class TfdsSource:
         try:
             self.base_names = list(self.get(self.d.name, split="train", classes=self.classes["base"], **self.kw).class_names)
             self.novel_names = list(self.get(self.d.name, split="test", classes=self.classes["novel"], **self.kw).class_names)
-        except ValueError as e:
-            raise cfgs.ConfigError(f"config.data ({self.d.name}): {e}") from e
+        except (ValueError, DatasetNotPreparedError) as e:
+            raise cfgs.ConfigError(f"config.data.name={self.d.name!r} (config.data.data_dir={self.d.data_dir!r}): "
+                                   f"{e}") from e
 
     def fewshot(self, seed):
         ds = self.get(self.d.name, split="train", classes=self.classes["base"], shots=self.d.shots, seed=seed, **self.kw)
@@ -284,11 +306,12 @@ class TfdsSource:
         return out
 
 
-def _run_key(config, seed: int, method: str) -> str:
+def _run_key(config, seed: int, method: str, foundation_digest: str) -> str:
     """A folder name per prompt-learning run: a rerun with other settings must not resume it."""
     import hashlib
 
-    parts = {"seed": seed, "train": config.train.to_dict(), "prompt": config.prompt.to_dict(), "data": config.data.to_dict()}
+    parts = {"seed": seed, "train": config.train.to_dict(), "prompt": config.prompt.to_dict(), "data": config.data.to_dict(),
+             "foundation": foundation_digest, "dtype": config.dtype}
     if method == "dicap":
         parts["counterfactual"] = config.counterfactual.to_dict()
     else:
@@ -307,6 +330,7 @@ def run(config, workdir: str, mesh):
     source = ShapesSource(config) if config.data.name == "shapes" else TfdsSource(config)
     first_shots = source.fewshot(config.seeds[0])  # data errors (e.g. too few shots) before any model work
     found = build_foundation(config, workdir, mesh)
+    found_digest = tree_digest((found.clip_params, found.diffusion_params, found.schedule))  # keys the caches
     init_text = config.prompt.init_text
     if init_text and len(found.tokenizer.encode(init_text)) != config.prompt.n_ctx:
         raise cfgs.ConfigError(f"config.prompt.init_text={init_text!r} has {len(found.tokenizer.encode(init_text))} "
@@ -328,7 +352,7 @@ def run(config, workdir: str, mesh):
     grid_pairs = None
     for seed in config.seeds:
         x, y, mask = first_shots if seed == config.seeds[0] else source.fewshot(seed)
-        x_cf, y_cf = cached_counterfactuals(found, x, y, zs["base"], config, seed, workdir, mesh)
+        x_cf, y_cf = cached_counterfactuals(found, x, y, zs["base"], config, seed, workdir, mesh, found_digest)
         f_x, f_cf = encode_images(found, x), encode_images(found, x_cf)
         zs_cf_logits = np.asarray(class_cosines(jnp.asarray(f_cf), zs["base"]))
         ref_f = np.concatenate([f_x, test_feats["base"]])
@@ -345,7 +369,7 @@ def run(config, workdir: str, mesh):
             row[f"zeroshot_{k}"] = accuracy(class_cosines(jnp.asarray(test_feats[k]), zs[split_of[k]]), tests[k][1])
         for method, lam in (("coop", 0.0), ("dicap", config.train.lam)):
             pp = train_prompts(found, setups["base"], f_x, f_cf, y, config, seed,
-                               io.join(workdir, "prompts", _run_key(config, seed, method)), mesh, lam,
+                               io.join(workdir, "prompts", _run_key(config, seed, method, found_digest)), mesh, lam,
                                desc=f"{method} prompts (seed {seed})")
             for k in tests:
                 row[f"{method}_{k}"] = prompt_accuracy(found, setups[split_of[k]], pp, test_feats[k], tests[k][1],

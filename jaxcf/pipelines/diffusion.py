@@ -34,6 +34,7 @@ from jaxcf.train import (
     stream_indices,
     to_host,
     train_loop,
+    tree_digest,
     warmup_cosine,
 )
 from jaxcf.utils import io
@@ -98,8 +99,10 @@ def train_eps_model(model, schedule, dataset, train_cfg, workdir: str, mesh, *, 
 
     ckpt = Checkpointer(workdir, every=checkpoint_every, keep=keep)
     writer = MetricWriter(workdir)
+    key = dict(train=train_cfg.to_dict(), schedule=tree_digest(schedule), model=type(model).__name__,
+               dtype=str(getattr(model, "dtype", "")), conditioned=cond_fn is not None)
     state = train_loop(state, update, batch_fn, train_cfg.steps, mesh, ckpt, writer, log_every=log_every, desc=desc,
-                       frozen=frozen)
+                       frozen=frozen, key=key)
     ckpt.close()
     writer.close()
     return state.ema_params if train_cfg.get("weights", "ema") == "ema" else state.params

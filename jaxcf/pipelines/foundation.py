@@ -35,6 +35,7 @@ from jaxcf.train import (
     make_update_fn,
     stream_indices,
     train_loop,
+    tree_digest,
     warmup_cosine,
 )
 from jaxcf.train.precision import compute_dtype, frozen_params
@@ -151,7 +152,8 @@ def train_clip(clip: CLIP, dataset, tokenizer, cfg, workdir: str, mesh, *, seed:
 
     ckpt = Checkpointer(workdir, every=checkpoint_every, keep=keep)
     state = train_loop(state, update, batch_fn, cfg.steps, mesh, ckpt, MetricWriter(workdir), log_every=log_every,
-                       desc="foundation: clip")
+                       desc="foundation: clip", key=dict(train=cfg.to_dict(), captions=CAPTION_TEMPLATES,
+                                                         tokens=tree_digest(tokens)))
     ckpt.close()
     return state.params
 

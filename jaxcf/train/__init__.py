@@ -1,7 +1,7 @@
 """Training infrastructure: mesh and shardings, the train state and update step, checkpoints, loop."""
 
 from jaxcf.train.checkpoint import Checkpointer
-from jaxcf.train.loop import Preempted, stream_indices, train_loop
+from jaxcf.train.loop import NonFiniteLoss, Preempted, stream_indices, train_loop, tree_digest
 from jaxcf.train.mesh import (
     cast_floating,
     check_batch_divisible,
@@ -16,7 +16,7 @@ from jaxcf.train.metrics import MetricWriter, read_metrics
 from jaxcf.train.state import TrainState, create_train_state, jit_update, make_update_fn, warmup_cosine
 
 __all__ = [
-    "Checkpointer", "MetricWriter", "Preempted", "TrainState", "cast_floating", "check_batch_divisible",
+    "Checkpointer", "MetricWriter", "NonFiniteLoss", "Preempted", "TrainState", "cast_floating", "check_batch_divisible",
     "create_train_state", "data_sharding", "jit_update", "make_mesh", "make_update_fn", "param_shardings",
-    "read_metrics", "replicated", "shard_batch", "stream_indices", "to_host", "train_loop", "warmup_cosine",
+    "read_metrics", "replicated", "shard_batch", "stream_indices", "to_host", "train_loop", "tree_digest", "warmup_cosine",
 ]

@@ -42,15 +42,30 @@ def exists(p: str) -> bool:
 
 
 def write_text(p: str, text: str) -> None:
-    q = epath.Path(p)
-    q.parent.mkdir(parents=True, exist_ok=True)
-    q.write_text(text)
+    write_bytes(p, text.encode())
 
 
 def write_bytes(p: str, data: bytes) -> None:
+    """Writes ``p`` whole or not at all: a local file goes to a temporary name in the same folder,
+    is synced and renamed over ``p`` (a crash never leaves a truncated file); a bucket object is
+    replaced in one upload."""
     q = epath.Path(p)
     q.parent.mkdir(parents=True, exist_ok=True)
-    q.write_bytes(data)
+    if is_remote(p):
+        q.write_bytes(data)
+        return
+    import os
+
+    tmp = f"{p}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def append_text(p: str, text: str) -> None:
