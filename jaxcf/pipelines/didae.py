@@ -879,6 +879,25 @@ def write_report(results: dict, workdir: str) -> None:
     for kind, d in results["dictionaries"].items():
         lines.append(f"| {kind} | {d['flip_rate']:.3f} | {d['nafr']:.3f} | {d['cf_per_second']:.1f} | "
                      f"{d['probe_agreement']:.3f} | {d['atom_is_true']} |")
+    for kind, d in results["dictionaries"].items():
+        if "disentanglement_matrix_reader" in d:
+            names = ("ColorA", "ColorB", "PositionX", "PositionY")
+            lines += ["", f"{kind} atoms (reflections), mean |factor change| read from pixels / factor range:", "",
+                      "| atom | " + " | ".join(names) + " | edit length (Alg. 2, x code spread) |", "|---" * 6 + "|"]
+            for k, row in enumerate(d["disentanglement_matrix_reader"]):
+                length = d["edit_length"][k] if k < len(d.get("edit_length", [])) else float("nan")
+                lines.append(f"| {k} | " + " | ".join(f"{v:.3f}" for v in row) + f" | {length:.2f} |")
+    c = results.get("controls")
+    if c:
+        names = ("ColorA", "ColorB", "PositionX", "PositionY")
+        lines += ["", "Autoencoder controls, read by the pixel reader (colours 0..255, positions in 64-px units):", "",
+                  "| control | " + " | ".join(names) + " |", "|---" * 5 + "|"]
+        for key, label in (("identity", "reconstruction, mean abs error"), ("fresh_noise", "fresh-noise sample, mean abs error")):
+            lines.append(f"| {label} | " + " | ".join(f"{c[key][n]:.1f}" for n in names) + " |")
+        for n in names:
+            sw = c["swap"][n]
+            cells = [f"moved {sw['moved_fraction_median']:.2f}" if m == n else f"{sw['others'][m]:.1f}" for m in names]
+            lines.append(f"| ground-truth swap of {n} | " + " | ".join(cells) + " |")
     lines += ["", f"total {results['seconds']} s (compile of the counterfactual program {results['compile_seconds']} s)"]
     text = "\n".join(lines) + "\n"
     io.write_text(io.join(workdir, "results.md"), text)
