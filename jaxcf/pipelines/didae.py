@@ -82,9 +82,6 @@ def validate(config) -> None:
     cfgs.check_range(c, "edit.min_alignment", 0.0, 1.0, high_open=True)
     for field in ("cfkd.add_true", "cfkd.ground_truth", "eval.controls"):
         cfgs.check_choice(c, field, (True, False))
-    if c.data.name != "square" and (c.cfkd.ground_truth or c.eval.controls):
-        raise cfgs.ConfigError("config.cfkd.ground_truth and config.eval.controls need data.name='square' (they "
-                               "re-render inputs from their factors); set them to False")
     cfgs.check_range(c, "cfkd.mix", 0.0, 1.0, high_open=True)
     cfgs.check_range(c, "surrogate.adv_eps", 0.0, 2.0)
     for field, allowed in (("dictionary.kinds", DICTIONARIES), ("cfkd.teachers", TEACHERS)):
@@ -122,6 +119,9 @@ def validate(config) -> None:
     if c.data.name == "celeba" and c.encoder.kind != "clip":
         raise cfgs.ConfigError("config.encoder.kind must be 'clip' for data.name='celeba'")
     decoder_model(c, D or 8)  # unknown decoder fields -> ConfigError
+    if c.data.name != "square" and (c.cfkd.ground_truth or c.eval.controls):
+        raise cfgs.ConfigError("config.cfkd.ground_truth and config.eval.controls need data.name='square' (they "
+                               "re-render inputs from their factors); set them to False")
 
 
 def embed_dim(c) -> int | None:
