@@ -68,6 +68,7 @@ def paper(tfds_name):
         c.train.update(steps=1000, batch_size=32, learning_rate=2e-3, warmup_steps=50)
         c.seeds = (1, 2, 3)
         c.dtype = "bfloat16"
+        c.eval.ground_truth = False  # needs a world that renders from factors
     return apply
 
 
@@ -111,6 +112,10 @@ def get_config(arg=None):
     c.train = ml_collections.ConfigDict(dict(
         steps=200, batch_size=32, optimizer="sgd", learning_rate=2e-3, warmup_steps=20, weight_decay=0.0,
         lam=1.0, tau=1.0, all_classes=False))
+    # ground_truth: a "DiCap, ground-truth counterfactuals" row (the few-shot images re-rendered with
+    # the shape set to y_cf; the estimation stage's upper bound) and the model-free judge of the
+    # generated counterfactuals (shapes world only)
+    c.eval = ml_collections.ConfigDict(dict(ground_truth=True))
     c.checkpoint_every = 500
     variants = {"toy": toy, "test": test, **{k: paper(v) for k, v in PAPER_DATASETS.items()}}
     return select_variant(arg, variants, c, default="toy")

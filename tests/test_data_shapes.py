@@ -108,3 +108,23 @@ def test_registry_and_errors():
         shapes_dataset("conflict")
     with pytest.raises(ValueError, match="bias"):
         shapes_dataset("fewshot", bias=1.5)
+
+
+def test_judge_reads_the_shape_of_renderings_and_of_ground_truth_counterfactuals():
+    from jaxcf.data.shapes import judge_shapes, with_shape
+
+    ds = shapes_dataset("test_all", num_per_class=4, seed=3)
+    f = ds.arrays["factors"]
+    x = ds.arrays["image"].astype(np.float32) / 127.5 - 1
+    out = judge_shapes(x, f)
+    np.testing.assert_array_equal(out["shape"], f[:, 0])
+    assert out["distance"].max() < 1e-6 and out["background_l1"].max() < 1e-6 and out["object_color_l1"].max() < 1e-6
+    target = (f[:, 0] + 5) % 12
+    img, _ = render_shapes(with_shape(f, target))
+    cf = judge_shapes(img.astype(np.float32) / 127.5 - 1, f)
+    np.testing.assert_array_equal(cf["shape"], target)
+    # a texture on the object is not another shape; a repainted background is counted as a change
+    tex = x.copy()
+    tex[:, ::2, ::2] = np.clip(tex[:, ::2, ::2] + 0.3, -1, 1)
+    assert (judge_shapes(tex, f)["shape"] == f[:, 0]).mean() > 0.9
+    assert judge_shapes(tex, f)["background_l1"].mean() > 0.02

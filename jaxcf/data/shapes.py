@@ -256,3 +256,48 @@ def class_names(classes: str = "all") -> tuple[str, ...]:
     check_choice("classes", classes, ("all", "base", "novel"))
     idx = {"all": range(len(SHAPE_NAMES)), "base": BASE_CLASSES, "novel": NOVEL_CLASSES}[classes]
     return tuple(SHAPE_NAMES[i] for i in idx)
+
+
+# ----------------------------------------------------------------------------- model-free judge
+
+
+def with_shape(factors: np.ndarray, shapes: np.ndarray) -> np.ndarray:
+    """Factors [N, 6] with the shape column replaced (the ground-truth counterfactual's factors)."""
+    f = np.array(factors, dtype=np.int32, copy=True)
+    f[:, 0] = shapes
+    return f
+
+
+def judge_shapes(images: np.ndarray, factors: np.ndarray, *, resolution: int = 32,
+                 candidates=tuple(range(len(SHAPE_NAMES)))) -> dict:
+    """Which shape does each image show, judged against the renderer (no learned model)?
+
+    Every candidate shape is re-rendered with the source image's other factors (colours, size,
+    position: what a counterfactual should keep); the nearest rendering in L2 wins.
+    images: [N, R, R, 3] in [-1, 1]; factors: [N, 6] of the source images.
+    Returns shape [N] (shape indices), distance [N] (RMS to the winner, in [-1, 1] units),
+    background_l1 [N] (mean |image - source background| outside the source object and the judged
+    shape) and object_color_l1 [N] (mean |image - source object colour| inside the judged shape),
+    both in [-1, 1] units (0 = kept exactly).
+    """
+    x = np.asarray(images, np.float32)
+    f = np.asarray(factors)
+    n = len(x)
+    dists, renders = [], []
+    for s in candidates:
+        img, _ = render_shapes(with_shape(f, np.full(n, s)), resolution=resolution)
+        renders.append(img)
+        dists.append(np.sqrt(np.mean((x - (img.astype(np.float32) / 127.5 - 1)) ** 2, axis=(1, 2, 3))))
+    dists = np.stack(dists, 1)  # [N, C]
+    best = np.argmin(dists, 1)
+    judged = np.stack(renders, 1)[np.arange(n), best]  # [N, R, R, 3] uint8
+    source, _ = render_shapes(f, resolution=resolution)
+    bg_u8 = np.rint(COLOR_RGB[f[:, 2]]).astype(np.uint8)[:, None, None]
+    obj_u8 = np.rint(COLOR_RGB[f[:, 1]]).astype(np.uint8)[:, None, None]
+    # pure pixels only (anti-aliased edges belong to neither region)
+    bg = (np.all(source == bg_u8, -1) & np.all(judged == bg_u8, -1))[..., None]
+    obj = np.all(judged == obj_u8, -1)[..., None]
+    mean_over = lambda v, m: np.sum(v * m, axis=(1, 2, 3)) / np.maximum(3 * m.sum(axis=(1, 2, 3)), 1)
+    return {"shape": np.asarray(candidates)[best], "distance": dists[np.arange(n), best],
+            "background_l1": mean_over(np.abs(x - (bg_u8 / 127.5 - 1)), bg),
+            "object_color_l1": mean_over(np.abs(x - (obj_u8 / 127.5 - 1)), obj)}

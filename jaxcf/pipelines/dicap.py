@@ -23,7 +23,7 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from jaxcf import configs as cfgs
-from jaxcf.data.shapes import SHAPE_NAMES, shapes_dataset
+from jaxcf.data.shapes import SHAPE_NAMES, judge_shapes, render_shapes, shapes_dataset, with_shape
 from jaxcf.dicap.counterfactuals import CF_TARGETS, clip_zero_shot_log_prob, generate_counterfactuals, \
     sample_target_classes
 from jaxcf.dicap.losses import class_cosines, dicap_loss
@@ -64,6 +64,10 @@ def validate(config) -> None:
         raise cfgs.ConfigError(f"config.foundation.assets={assets!r}: no such folder in {ASSETS}; available: "
                                f"{', '.join(have) or 'none'}; or '' to pretrain the foundation models in the workdir")
     cfgs.check_int(config, "data.shots", 1)
+    cfgs.check_choice(config, "eval.ground_truth", (True, False))
+    if config.eval.ground_truth and config.data.name != "shapes":
+        raise cfgs.ConfigError(f"config.eval.ground_truth=True needs data.name='shapes' (it re-renders the few-shot "
+                               f"images); data.name={config.data.name!r}: set config.eval.ground_truth=False")
     cfgs.check_range(config, "data.bias", 0.0, 1.0)
     if not config.seeds or not all(isinstance(s, int) and s >= 0 for s in config.seeds):
         raise cfgs.ConfigError(f"config.seeds={config.seeds!r} must be a non-empty list of integers >= 0")
@@ -254,9 +258,14 @@ class ShapesSource:
         return shapes_dataset(split, resolution=self.d.resolution, num_per_class=self.d.test_per_class, seed=seed, **kw)
 
     def fewshot(self, seed):
+        """(images, labels, object masks, factors) of the few-shot set."""
         ds = self._split("fewshot", seed=seed, shots=self.d.shots, bias=self.d.bias)
-        arr = ds.get(np.arange(len(ds)), keys=("image", "label", "mask"))
-        return arr["image"], arr["label"], arr["mask"]
+        arr = ds.get(np.arange(len(ds)), keys=("image", "label", "mask", "factors"))
+        return arr["image"], arr["label"], arr["mask"], arr["factors"]
+
+    def shape_of(self, labels):
+        """Shape indices of base-class labels."""
+        return np.array([SHAPE_NAMES.index(self.base_names[i]) for i in labels], np.int32)
 
     def tests(self):
         out = {}
@@ -293,7 +302,7 @@ class TfdsSource:
             worst = int(np.argmin(counts))
             raise cfgs.ConfigError(f"config.data.shots={self.d.shots} is larger than the data: class "
                                    f"{self.base_names[worst]!r} has only {counts[worst]} training images")
-        return arr["image"], arr["label"], None
+        return arr["image"], arr["label"], None, None
 
     def tests(self):
         out = {}
@@ -314,8 +323,10 @@ def _run_key(config, seed: int, method: str, foundation_digest: str) -> str:
              "foundation": foundation_digest, "dtype": config.dtype}
     if method == "dicap":
         parts["counterfactual"] = config.counterfactual.to_dict()
-    else:
+    elif method == "coop":
         parts["train"].pop("lam")
+    else:  # dicap_gt: ground-truth counterfactuals, whatever the generator's settings
+        parts["counterfactual"] = "ground_truth"
     digest = hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"seed{seed}_{method}_{digest}"
 
@@ -351,7 +362,7 @@ def run(config, workdir: str, mesh):
     rows = []
     grid_pairs = None
     for seed in config.seeds:
-        x, y, mask = first_shots if seed == config.seeds[0] else source.fewshot(seed)
+        x, y, mask, factors = first_shots if seed == config.seeds[0] else source.fewshot(seed)
         x_cf, y_cf = cached_counterfactuals(found, x, y, zs["base"], config, seed, workdir, mesh, found_digest)
         f_x, f_cf = encode_images(found, x), encode_images(found, x_cf)
         zs_cf_logits = np.asarray(class_cosines(jnp.asarray(f_cf), zs["base"]))
@@ -365,16 +376,29 @@ def run(config, workdir: str, mesh):
             m = mask[..., None]
             row["cf_l1_object"] = float(np.sum(np.abs(x_cf - x) * m) / (3 * m.sum()))
             row["cf_l1_background"] = float(np.sum(np.abs(x_cf - x) * (1 - m)) / (3 * (1 - m).sum()))
+        methods = (("coop", 0.0, f_cf), ("dicap", config.train.lam, f_cf))
+        if factors is not None and config.eval.ground_truth:
+            # the model-free judge: which shape does each counterfactual show (vs re-renderings)?
+            target_shape = source.shape_of(y_cf)
+            judge = judge_shapes(x_cf, factors, resolution=config.data.resolution)
+            row.update(cf_judge_flip_rate=float(np.mean(judge["shape"] == target_shape)),
+                       cf_judge_kept_shape=float(np.mean(judge["shape"] == factors[:, 0])),
+                       cf_judge_background_l1=float(np.mean(judge["background_l1"])),
+                       cf_judge_object_color_l1=float(np.mean(judge["object_color_l1"])))
+            x_gt, _ = render_shapes(with_shape(factors, target_shape), resolution=config.data.resolution)
+            f_gt = encode_images(found, x_gt.astype(np.float32) / 127.5 - 1)
+            row["gt_zeroshot_flip_rate"] = flip_rate(np.asarray(class_cosines(jnp.asarray(f_gt), zs["base"])), y_cf)
+            methods += (("dicap_gt", config.train.lam, f_gt),)
         for k in tests:
             row[f"zeroshot_{k}"] = accuracy(class_cosines(jnp.asarray(test_feats[k]), zs[split_of[k]]), tests[k][1])
-        for method, lam in (("coop", 0.0), ("dicap", config.train.lam)):
-            pp = train_prompts(found, setups["base"], f_x, f_cf, y, config, seed,
+        for method, lam, f_neg in methods:
+            pp = train_prompts(found, setups["base"], f_x, f_neg, y, config, seed,
                                io.join(workdir, "prompts", _run_key(config, seed, method, found_digest)), mesh, lam,
                                desc=f"{method} prompts (seed {seed})")
             for k in tests:
                 row[f"{method}_{k}"] = prompt_accuracy(found, setups[split_of[k]], pp, test_feats[k], tests[k][1],
                                                        cocoop)
-        for method in ("zeroshot", "coop", "dicap"):
+        for method in ("zeroshot",) + tuple(m[0] for m in methods):
             row[f"{method}_hm"] = harmonic_mean(row[f"{method}_base"], row[f"{method}_novel"])
         rows.append(row)
         logging.info("seed %d: %s", seed, row)
@@ -405,12 +429,21 @@ def write_report(results, grid_pairs, base_names, workdir):
     ]
     get = lambda k: fmt(k) if k in s else "n/a"  # noqa: E731
     num = lambda k: f"{s[k]['mean']:.3f}" if k in s else "n/a"  # noqa: E731
-    for method, label in (("zeroshot", "zero-shot CLIP"), ("coop", "CoOp"), ("dicap", "DiCap")):
+    for method, label in (("zeroshot", "zero-shot CLIP"), ("coop", "CoOp"), ("dicap", "DiCap"),
+                          ("dicap_gt", "DiCap, ground-truth counterfactuals (upper bound)")):
+        if method + "_base" not in s:
+            continue
         lines.append(f"| {label} | {fmt(method + '_base')} | {fmt(method + '_novel')} | {fmt(method + '_hm')} | "
                      f"{get(method + '_conflict')} |")
     lines += ["", "| counterfactuals | flip rate | CLD | L1 | L1 object | L1 background |", "|---|---|---|---|---|---|",
               f"| {cf['target']}, s={cf['scale']:g} | {fmt('cf_flip_rate')} | {num('cf_cld')} | {num('cf_l1')} | "
               f"{num('cf_l1_object')} | {num('cf_l1_background')} |", ""]
+    if "cf_judge_flip_rate" in s:
+        lines += ["Judged without a model (each counterfactual against re-renderings of every shape with the source's "
+                  "other factors):", "", "| flip rate (judge) | shape kept (judge) | background L1 | object colour L1 "
+                  "| zero-shot CLIP flip rate on ground-truth counterfactuals |", "|---|---|---|---|---|",
+                  f"| {fmt('cf_judge_flip_rate')} | {fmt('cf_judge_kept_shape')} | {num('cf_judge_background_l1')} | "
+                  f"{num('cf_judge_object_color_l1')} | {fmt('gt_zeroshot_flip_rate')} |", ""]
     text = "\n".join(lines)
     io.write_text(io.join(workdir, "results.md"), text)
     print(text)
