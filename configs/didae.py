@@ -43,7 +43,7 @@ def square(c):
     c.encoder.update(embed_dim=512, width=32, num_stages=4, steps=2000, batch_size=100)
     c.decoder.update(preset="square", model_channels=64, channel_mult=(1, 2, 4, 8), num_res_blocks=2,
                      attention_resolutions=(16,), norm_groups=32)
-    c.decoder.update(standardize_z=False)  # the official code feeds z raw
+    c.decoder.update(standardize_z=False, coord_channels=False)  # the official code feeds z raw
     c.decoder.train.update(steps=4000, batch_size=100, learning_rate=1e-4, warmup_steps=0, ema_decay=0.9999,
                            weights="ema", prediction="eps", zero_cond=False)
     c.student.update(width=1.0, steps=2000, batch_size=100)
@@ -62,6 +62,7 @@ def celeba(c):
         num_samples=4000, agree_fraction=0.02, val_fraction=0.2, num_test_per_group=200, unbiased_samples=20000,
         seed=0))
     c.encoder = ml_collections.ConfigDict(dict(kind="clip", checkpoint="openai/clip-vit-base-patch32"))
+    c.decoder.update(coord_channels=False)
     c.decoder.update(preset="square", resolution=128, model_channels=64, channel_mult=(1, 1, 2, 3, 4),
                      num_res_blocks=2, attention_resolutions=(16,), norm_groups=32)
     c.decoder.train.update(steps=20000, batch_size=64, learning_rate=1e-4, warmup_steps=0, ema_decay=0.9999,
@@ -114,9 +115,9 @@ def get_config(arg=None):
     # amplification); train.zero_cond: the semantic projections start at zero.
     c.decoder = ml_collections.ConfigDict(dict(
         preset="square_tiny", model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-        attention_resolutions=(8,), norm_groups=8, standardize_z=True, clip_x0=True,
+        attention_resolutions=(8,), norm_groups=8, coord_channels=True, standardize_z=True, clip_x0=True,
         # weights: "final" (the last iterate) or "ema" (the average, as the paper; shipped)
-        train=dict(steps=8000, batch_size=32, learning_rate=1e-3, warmup_steps=100, ema_decay=0.999,
+        train=dict(steps=7000, batch_size=32, learning_rate=1e-3, warmup_steps=100, ema_decay=0.999,
                    weights="ema", prediction="v", zero_cond=True)))
     c.schedule = ml_collections.ConfigDict(dict(name="linear", num_train_timesteps=1000, beta_start=1e-4,
                                                 beta_end=0.02))

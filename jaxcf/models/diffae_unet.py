@@ -47,6 +47,10 @@ class DiffAEConfig:
     norm_groups: int = 32
     norm_eps: float = 1e-5
     time_embed_dim: int | None = 512  # DiffAE's embed_channels; None: 4 * model_channels
+    # Append two pixel-coordinate channels (x, y in [-1, 1]) to x_t before conv_in (CoordConv).
+    # Off in DiffAE; on, a decoder can place an object where the code says on images whose
+    # objects move (Square), instead of leaving the layout to x_T.
+    coord_channels: bool = False
 
     def __post_init__(self):
         blocks.freeze_lists(self)
@@ -163,6 +167,8 @@ class DiffAEUNet(nn.Module):
                       cond_channels=cfg.semantic_dim, **kw)
         attn = lambda level: "self" if cfg.level_resolutions[level] in cfg.attention_resolutions else None
 
+        if cfg.coord_channels:
+            x = jnp.concatenate([x, coordinate_channels(x)], axis=-1)  # [B, R, R, C + 2]
         h = blocks.conv(cfg.model_channels, 3, "conv_in", **kw)(x)
         skips = [h]
         n = cfg.levels
@@ -188,6 +194,14 @@ class DiffAEUNet(nn.Module):
 
         h = nn.silu(blocks.group_norm(h, cfg.norm_groups, cfg.norm_eps, "conv_norm_out", self.param_dtype))
         return blocks.conv(cfg.out_channels, 3, "conv_out", **kw)(h)
+
+
+def coordinate_channels(x: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [B, H, W, 2]: each pixel's column and row, scaled to [-1, 1]."""
+    b, h, w = x.shape[:3]
+    cols = jnp.broadcast_to(jnp.linspace(-1.0, 1.0, w, dtype=x.dtype)[None, :], (h, w))
+    rows = jnp.broadcast_to(jnp.linspace(-1.0, 1.0, h, dtype=x.dtype)[:, None], (h, w))
+    return jnp.broadcast_to(jnp.stack([cols, rows], -1)[None], (b, h, w, 2))
 
 
 def check_inputs(cfg: DiffAEConfig, x_shape: tuple[int, ...], z_shape: tuple[int, ...]) -> None:
