@@ -1,9 +1,11 @@
 """The shared diffusion core: noise schedules and DDIM inversion / sampling / guidance."""
 
 from jaxcf.diffusion.ddim import (
+    chain_guided_denoise,
     ddim_invert,
     ddim_sample,
     ddim_step,
+    denoise_to_x0,
     eps_from_v,
     guidance_gradient,
     guided_denoise,
@@ -14,6 +16,7 @@ from jaxcf.diffusion.losses import PREDICTIONS, as_eps_fn, denoising_loss
 from jaxcf.diffusion.schedules import SCHEDULES, NoiseSchedule, ddim_timesteps, grid_alphas, make_schedule
 
 __all__ = [
-    "PREDICTIONS", "SCHEDULES", "NoiseSchedule", "as_eps_fn", "denoising_loss", "ddim_invert", "ddim_sample", "ddim_step", "ddim_timesteps", "eps_from_v",
+    "PREDICTIONS", "SCHEDULES", "NoiseSchedule", "as_eps_fn", "chain_guided_denoise", "denoising_loss", "ddim_invert",
+    "ddim_sample", "ddim_step", "ddim_timesteps", "denoise_to_x0", "eps_from_v",
     "grid_alphas", "guidance_gradient", "guided_denoise", "guided_eps", "make_schedule", "predict_x0",
 ]

@@ -226,3 +226,78 @@ def guided_denoise(
 
     x0, _ = _loop(body, x_T, xs, debug)
     return x0
+
+
+def denoise_to_x0(
+    eps_fn: EpsFn,
+    x_t: jnp.ndarray,
+    cond: Any,
+    schedule: NoiseSchedule,
+    num_steps: int,
+    depth: float = 1.0,
+    level=None,
+):
+    """Unguided DDIM from grid level ``level`` of the :func:`ddim_sample` grid down to the clean image.
+
+    ``level`` (1..num_steps, a Python int or a traced int32; default num_steps) is the grid index
+    of x_t's noise level. Returns (x0 [B, ...], eps(x_t)): ``level`` noise-model calls, the first
+    at x_t. One scan of fixed length num_steps - 1 whose steps above ``level`` are skipped
+    (``lax.cond``), so one compiled program serves every level and is differentiable end to end.
+    """
+    ts = ddim_timesteps(num_steps, schedule.num_train_timesteps, depth)
+    a = grid_alphas(schedule, ts)
+    level = num_steps if level is None else level
+    eps0 = eps_fn(x_t, _times(x_t, jnp.asarray(ts)[level]), cond)
+    x = ddim_step(x_t, eps0, a[level], a[level - 1])
+    ks = np.arange(num_steps - 1, 0, -1)  # step k goes from level k to k - 1
+    xs = (jnp.asarray(ts[ks]), a[ks], a[ks - 1], jnp.asarray(ks))
+
+    def body(x, step):
+        t, a_t, a_s, k = step
+        take = lambda x: ddim_step(x, eps_fn(x, _times(x, t), cond), a_t, a_s)
+        return jax.lax.cond(k < level, take, lambda x: x, x), None
+
+    x0, _ = jax.lax.scan(body, x, xs)
+    return x0, eps0
+
+
+def chain_guided_denoise(
+    eps_fn: EpsFn,
+    log_prob_fn: LogProbFn,
+    x_T: jnp.ndarray,
+    cond: Any,
+    y: jnp.ndarray,
+    scale,
+    schedule: NoiseSchedule,
+    num_steps: int,
+    depth: float = 1.0,
+    *,
+    debug: bool = False,
+):
+    """DiME's action (Jeanneret et al. 2022): classifier guidance through a full denoising chain.
+
+    At every guided step, at grid level i, the classifier sees the clean image that an unguided
+    DDIM chain reaches from x_t (:func:`denoise_to_x0`, i noise-model calls), not the one-step
+    x0_hat of :func:`guided_denoise`, and its gradient is backpropagated through that whole chain;
+    eps is then shifted by :func:`guided_eps` and the ordinary :func:`ddim_step` taken. A clean-
+    image classifier needs no noise awareness this way, at the price of
+    sum_{i=1..N} i = N (N + 1) / 2 noise-model forward passes (each with its backward) for N steps,
+    against N for :func:`guided_denoise`.
+    """
+    ts = ddim_timesteps(num_steps, schedule.num_train_timesteps, depth)
+    a = grid_alphas(schedule, ts)
+    idx = np.arange(num_steps)[::-1]  # step j goes from level j + 1 to j
+    xs = (jnp.asarray(ts[1:][idx]), a[1:][idx], a[:-1][idx], jnp.asarray(idx + 1))
+
+    def body(x, step):
+        t, a_t, a_s, level = step
+
+        def objective(x):
+            x0, eps = denoise_to_x0(eps_fn, x, cond, schedule, num_steps, depth, level)
+            return jnp.sum(log_prob_fn(x0, _times(x, t), y).astype(jnp.float32)), eps
+
+        grad, eps = jax.grad(objective, has_aux=True)(x)
+        return ddim_step(x, guided_eps(eps, grad, a_t, scale), a_t, a_s), None
+
+    x0, _ = _loop(body, x_T, xs, debug)
+    return x0
