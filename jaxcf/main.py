@@ -164,6 +164,9 @@ def main(argv):
     del argv  # checked by parse_flags
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # library INFO logs (Orbax) drown the progress bar
+    from jaxcf.utils import compile_cache
+
+    compile_cache.enable()  # before the first compilation; JAXCF_COMPILATION_CACHE=off disables it
     from jaxcf.train import distributed
 
     try:  # before anything touches a device

@@ -49,8 +49,11 @@ def run(config, workdir: str, break_lock: bool = False):
         mesh = make_mesh(config.mesh)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    from jaxcf.utils import compile_cache
+
     with _workdir_lock(workdir, break_lock):
         write_config(config, workdir)
+        compile_cache.start()  # results.json's "timing": compile vs run seconds of this run
         return pipeline.run(config, workdir, mesh)
 
 

@@ -410,6 +410,9 @@ def run(config, workdir: str, mesh):
                "counterfactual": config.counterfactual.to_dict(), "lam": config.train.lam, "tau": config.train.tau,
                "shots": config.data.shots, "bias": config.data.bias, "per_seed": rows, "summary": summary,
                "seconds": round(time.time() - t_start, 1)}
+    from jaxcf.utils import compile_cache
+
+    results["timing"] = compile_cache.timings()  # XLA compilation (or cache loads) vs the rest, in seconds
     if jax.process_index() == 0:
         write_report(results, grid_pairs, base_names, workdir)
     return results

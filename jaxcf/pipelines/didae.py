@@ -774,6 +774,9 @@ def run(config, workdir: str, mesh):
                                                                                     test["group"]))
     results.update(dictionaries=per_dict, cfkd=rows, baselines=baseline,
                    seconds=round(time.time() - t_start, 1), cf_inputs=int(len(cf_x)))
+    from jaxcf.utils import compile_cache
+
+    results["timing"] = compile_cache.timings()  # XLA compilation (or cache loads) vs the rest, in seconds
     if writer_ok:
         write_report(results, workdir)
     return results

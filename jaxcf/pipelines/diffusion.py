@@ -158,6 +158,9 @@ def run(config, workdir: str, mesh):
         "ddim_steps": config.eval.ddim_steps,
         "depth": config.eval.depth,
     }
+    from jaxcf.utils import compile_cache
+
+    results["timing"] = compile_cache.timings()  # XLA compilation (or cache loads) vs the rest, in seconds
     if jax.process_index() == 0:
         k = min(n, 8)
         save_grid([x0[:k], np.clip(x_T[:k] / 3, -1, 1), rec[:k]], io.join(workdir, "reconstructions.png"), scale=2)
