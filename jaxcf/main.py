@@ -114,7 +114,8 @@ def parse_flags(argv):
     argv, mesh = _split_mesh(argv)
     sys.argv[:] = argv  # ml_collections reads the overrides from sys.argv itself
     config_arg = _config_arg(argv)
-    if config_arg is None:
+    wants_help = any(re.match(r"^--?(help|helpshort|helpfull|h|\?)$", a) for a in argv)
+    if config_arg is None and not wants_help:
         die("--config is required, e.g. --config=configs/dicap.py:toy (the part after ':' picks a variant)")
     try:
         rest = flags.FLAGS(argv)

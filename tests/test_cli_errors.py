@@ -68,7 +68,7 @@ CASES = [
     ("prompt_mode", [f"{DICAP}:test", "--config.prompt.mode=maple"], "config.prompt.mode='maple' is not allowed"),
     ("foundation_assets", [f"{DICAP}:test", "--config.foundation.assets=no_such_weights"],
      "config.foundation.assets='no_such_weights': no such folder"),
-    ("dataset_name", [f"{DICAP}:test", "--config.data.name=imagenet"], "config.data.name='imagenet' is not allowed; allowed: 'shapes'"),
+    ("dataset_name", [f"{DICAP}:caltech101", "--config.data.name=imagenet"], "config.data.name='imagenet' is not allowed; allowed: 'shapes'"),
     ("tfds_not_prepared", [f"{DICAP}:caltech101", "--config.data.data_dir={empty}"],
      "tfds dataset 'caltech101' is not prepared under data_dir="),
     ("clip_checkpoint_folder", [f"{DICAP}:caltech101", "--config.foundation.clip_checkpoint=/no/such/clip"],

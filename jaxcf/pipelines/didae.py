@@ -487,8 +487,11 @@ class Trainer:
 
         ckpt = Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
         writer = MetricWriter(workdir)
+        # resumed only with the same settings (the state, data and frozen params are digested by
+        # train_loop; the surrogate's adv_eps lives outside its train config)
+        key = dict(train=tc.to_dict(), surrogate=config.surrogate.to_dict(), dtype=config.dtype)
         state = train_loop(state, self.update, batch_fn or default_batch_fn, tc.steps, self.mesh, ckpt, writer,
-                           log_every=config.log_every, desc=desc, frozen=self.frozen)
+                           log_every=config.log_every, desc=desc, frozen=self.frozen, key=key)
         ckpt.close()
         writer.close()
         return jax.device_get(state.params)
