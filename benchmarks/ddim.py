@@ -3,7 +3,10 @@
 The same random UNet2DModel weights run in (a) one jitted ``ddim_invert`` + ``ddim_sample`` scan,
 (b) a Python loop over a jitted jaxcf step (UNet + ``ddim_step``), and (c) diffusers with its
 ``DDIMInverseScheduler`` and ``DDIMScheduler``. Also: achieved FLOP/s of one UNet forward against a
-large matmul on the same device. Prints a table and writes JSON.
+large matmul on the same device. Repeats alternate between the implementations, so load on a
+shared machine hits all of them alike; compilation and warm-up are excluded. ``--dtype=bfloat16``
+runs both UNets with bfloat16 weights and activations (the DDIM state stays float32). Prints a
+table and writes JSON (with the XLA_FLAGS it ran under).
 
   python benchmarks/ddim.py --size=small --batch=8 --steps=50 --out=benchmarks/results/ddim_cpu.json
 """
@@ -48,37 +51,55 @@ def timed(fn, repeats: int):
     return float(np.median(times))
 
 
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Median seconds of each function after one warm-up call; repeats alternate between them."""
+    for fn in fns.values():
+        fn()  # compile / warm up (an executable's first run also pays one-time set-up)
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="small", choices=sorted(SIZES))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--skip_torch", action="store_true")
+    ap.add_argument("--skip_loop", action="store_true", help="skip the Python-loop variant (b)")
     ap.add_argument("--out", default="benchmarks/results/ddim.json")
     args = ap.parse_args()
 
     import torch
     from diffusers import DDIMInverseScheduler, DDIMScheduler, UNet2DModel
 
+    from jaxcf.models.registry import DTYPES
+
     torch.manual_seed(0)
     ref = UNet2DModel(in_channels=3, out_channels=3, **SIZES[args.size]).eval()
     folder = tempfile.mkdtemp()
     ref.save_pretrained(folder)
-    model, params = load_unet2d(folder)
+    model, params = load_unet2d(folder, dtype=DTYPES[args.dtype])  # frozen: weights in the compute dtype too
     n_params = sum(p.numel() for p in ref.parameters())
     res = SIZES[args.size]["sample_size"]
     B, N = args.batch, args.steps
-    x0 = np.random.default_rng(0).uniform(-1, 1, (B, res, res, 3)).astype(np.float32)
+    x0 = np.random.default_rng(0).uniform(-1, 1, (B, res, res, 3)).astype(np.float32)  # DDIM state: float32
     sch = make_schedule("linear")
 
     def eps_fn(p):
         return lambda x, t, c: model.apply({"params": p}, x, t)
 
+    fns = {}
     # (a) one jitted scan for inversion and one for sampling
     invert = jax.jit(lambda p, x: ddim_invert(eps_fn(p), x, None, sch, N))
     sample = jax.jit(lambda p, x: ddim_sample(eps_fn(p), x, None, sch, N))
-    t_scan = timed(lambda: sample(params, invert(params, x0)).block_until_ready(), args.repeats)
+    fns["scan"] = lambda: sample(params, invert(params, x0)).block_until_ready()
 
     # (b) a Python loop over one jitted step
     ts = ddim_timesteps(N, 1000, 1.0)
@@ -96,27 +117,35 @@ def main():
             x = step(params, x, ts[i], a[i], a[i - 1])
         return x.block_until_ready()
 
-    t_loop = timed(loop, args.repeats)
+    if not args.skip_loop:
+        fns["loop"] = loop
 
     # (c) diffusers
-    t_torch = None
     if not args.skip_torch:
+        tdtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+        tdev = "cuda" if torch.cuda.is_available() else "cpu"  # diffusers on the GPU when there is one
+        ref = ref.to(tdev, tdtype)
         inv = DDIMInverseScheduler(num_train_timesteps=1000, beta_schedule="linear")
         fwd = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
         inv.set_timesteps(N)
         fwd.set_timesteps(N)
-        xt = torch.from_numpy(x0.transpose(0, 3, 1, 2).copy())
+        xt = torch.from_numpy(x0.transpose(0, 3, 1, 2).copy()).to(tdev)
 
         def torch_run():
             with torch.no_grad():
                 x = xt
                 for t in inv.timesteps:
-                    x = inv.step(ref(x, t).sample, t, x).prev_sample
+                    x = inv.step(ref(x.to(tdtype), t).sample.float(), t, x).prev_sample
                 for t in fwd.timesteps:
-                    x = fwd.step(ref(x, t).sample, t, x).prev_sample
+                    x = fwd.step(ref(x.to(tdtype), t).sample.float(), t, x).prev_sample
+            if tdev == "cuda":
+                torch.cuda.synchronize()
             return x
 
-        t_torch = timed(torch_run, max(1, args.repeats - 1))
+        fns["torch"] = torch_run
+
+    sec = interleaved(fns, args.repeats)
+    t_torch = sec.get("torch")
 
     # achieved FLOP/s: one UNet forward vs a large matmul
     fwd_fn = jax.jit(lambda p, x: model.apply({"params": p}, x, jnp.zeros((x.shape[0],), jnp.int32)))
@@ -125,29 +154,32 @@ def main():
     unet_flops = float(cost.get("flops", 0.0))
     t_fwd = timed(lambda: fwd_fn(params, x0).block_until_ready(), max(3, args.repeats))
     M = 2048 if jax.default_backend() == "cpu" else 8192
-    A = jnp.ones((M, M), jnp.float32)
+    A = jnp.ones((M, M), DTYPES[args.dtype])
     mm = jax.jit(lambda a: a @ a)
     t_mm = timed(lambda: mm(A).block_until_ready(), 3)
 
-    rows = [("jaxcf lax.scan (jit)", t_scan), ("jaxcf Python loop of jitted steps", t_loop)]
-    if t_torch is not None:
-        rows.append(("diffusers (PyTorch) loop", t_torch))
+    names = {"scan": "jaxcf lax.scan (jit)", "loop": "jaxcf Python loop of jitted steps",
+             "torch": "diffusers (PyTorch) loop"}
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), torch threads {torch.get_num_threads()}"
     print(f"\nDDIM {N} inversion + {N} sampling steps, batch {B} at {res}x{res}, UNet2DModel '{args.size}' "
-          f"({n_params / 1e6:.2f}M params) on {device}")
+          f"({n_params / 1e6:.2f}M params), {args.dtype}, on {device}")
+    if os.environ.get("XLA_FLAGS"):
+        print(f"XLA_FLAGS={os.environ['XLA_FLAGS']}")
     print(f"{'implementation':38s} {'seconds':>9s} {'images/s':>9s} {'vs diffusers':>13s}")
     table = []
-    for name, t in rows:
+    for k, t in sec.items():
         ratio = (t_torch / t) if t_torch else float("nan")
-        print(f"{name:38s} {t:9.3f} {B / t:9.2f} {ratio:12.2f}x")
-        table.append({"implementation": name, "seconds": t, "images_per_s": B / t, "speedup_vs_diffusers": ratio})
+        print(f"{names[k]:38s} {t:9.3f} {B / t:9.2f} {ratio:12.2f}x")
+        table.append({"implementation": names[k], "seconds": t, "images_per_s": B / t, "speedup_vs_diffusers": ratio})
     unet_rate, mm_rate = unet_flops / t_fwd, 2 * M**3 / t_mm
     print(f"\nUNet forward: {unet_flops / 1e9:.2f} GFLOP in {t_fwd * 1e3:.1f} ms = {unet_rate / 1e9:.1f} GFLOP/s; "
           f"{M}x{M} matmul: {mm_rate / 1e9:.1f} GFLOP/s; UNet reaches {100 * unet_rate / mm_rate:.0f}% of it")
-    out = {"size": args.size, "params": n_params, "batch": B, "steps": N, "resolution": res, "device": device,
-           "platform": platform.platform(), "jax": jax.__version__, "rows": table,
+    out = {"size": args.size, "params": n_params, "batch": B, "steps": N, "resolution": res, "dtype": args.dtype,
+           "repeats": args.repeats, "device": device, "platform": platform.platform(), "jax": jax.__version__,
+           "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": table,
            "unet_forward_gflop": unet_flops / 1e9, "unet_forward_s": t_fwd, "unet_gflops_per_s": unet_rate / 1e9,
-           "matmul_size": M, "matmul_gflops_per_s": mm_rate / 1e9}
+           "matmul_size": M, "matmul_gflops_per_s": mm_rate / 1e9,
+           "unet_fraction_of_matmul_rate": unet_rate / mm_rate}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)

@@ -1,6 +1,7 @@
 """DiCap throughput: counterfactuals per second of the guided generation, and prompt-update steps
-per second on 1 and on 8 (forced CPU) devices. Model sizes are those of configs/dicap.py (random
-weights: speed does not depend on training). Prints a table and writes JSON.
+per second on the default backend's devices and, on a CPU, also on 8 forced CPU devices. Model
+sizes are those of configs/dicap.py (random weights: speed does not depend on training). ``--dtype=bfloat16`` runs the frozen CLIP and UNet
+in bfloat16, as ``--config.dtype=bfloat16`` does. Prints a table and writes JSON.
 
   python benchmarks/dicap.py --variant=toy --out=benchmarks/results/dicap_cpu.json
 """
@@ -26,7 +27,7 @@ def load_config(variant):
     return mod.get_config(variant)
 
 
-def measure(variant: str, cf_batch: int, prompt_batch: int, repeats: int) -> dict:
+def measure(variant: str, cf_batch: int, prompt_batch: int, repeats: int, dtype: str = "float32") -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -37,25 +38,29 @@ def measure(variant: str, cf_batch: int, prompt_batch: int, repeats: int) -> dic
     from jaxcf.dicap.prompts import build_prompt_tokens, init_prompt_params, prompt_text_features
     from jaxcf.diffusion import make_schedule
     from jaxcf.models.clip import CLIP, CLIPConfig, to_clip_input
-    from jaxcf.models.registry import build_model
+    from jaxcf.models.registry import DTYPES, build_model
     from jaxcf.pipelines.foundation import world_tokenizer
     from jaxcf.train import create_train_state, data_sharding, jit_update, make_mesh, make_update_fn, replicated, \
         shard_batch
+    from jaxcf.train.precision import frozen_params
 
     c = load_config(variant)
     fc, res = c.foundation, c.data.resolution
     tok = world_tokenizer()
+    dt = DTYPES[dtype]  # frozen models: weights and activations in the compute dtype, as the pipeline
     clip = CLIP(CLIPConfig.tiny(**dict(fc.clip.to_dict(), vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
-                                       image_size=res)))
+                                       image_size=res), dtype=dt, param_dtype=dt))
     clip_params = clip.init(jax.random.key(0))
-    unet = build_model("unet2d", fc.unet.to_dict())
+    unet = build_model("unet2d", fc.unet.to_dict(), dtype)
     unet_params = jax.jit(unet.init)(jax.random.key(1), jnp.zeros((1, res, res, 3)), jnp.zeros((1,), jnp.int32))["params"]
+    unet_params = frozen_params(unet_params, dt)
     sch = make_schedule(fc.schedule.name, fc.schedule.num_train_timesteps)
     names = list(c.data.base_classes)
     text = clip.encode_text(clip_params, jnp.asarray(tok([f"a photo of a {n}." for n in names], max_length=16)))
     mesh = make_mesh([("data", -1)])
     n_dev = len(jax.devices())
-    out = {"devices": n_dev, "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind}
+    out = {"devices": n_dev, "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+           "dtype": dtype}
 
     # counterfactual generation: inversion + guided denoising, all of it timed
     cf = c.counterfactual
@@ -113,30 +118,38 @@ def main():
     ap.add_argument("--cf_batch", type=int, default=48)
     ap.add_argument("--prompt_batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--out", default="benchmarks/results/dicap.json")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(measure(args.variant, args.cf_batch, args.prompt_batch, args.repeats)))
+        print(json.dumps(measure(args.variant, args.cf_batch, args.prompt_batch, args.repeats, args.dtype)))
         return
-    rows = []
-    for n in (1, 8):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
+    def child(force_cpu_devices: int | None) -> dict:
+        env = dict(os.environ)
+        if force_cpu_devices:
+            flags = env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={force_cpu_devices}"
+            env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
         cmd = [sys.executable, os.path.abspath(__file__), "--child", f"--variant={args.variant}",
-               f"--cf_batch={args.cf_batch}", f"--prompt_batch={args.prompt_batch}", f"--repeats={args.repeats}"]
+               f"--cf_batch={args.cf_batch}", f"--prompt_batch={args.prompt_batch}", f"--repeats={args.repeats}",
+               f"--dtype={args.dtype}"]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
         if done.returncode:
             sys.exit(done.stderr[-3000:])
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    rows = [child(None)]  # the default backend with all its devices (on a CPU: one device)
+    if rows[0]["backend"] == "cpu":  # and the sharded code path on 8 forced CPU devices
+        rows.append(child(8))
     print(f"\nDiCap '{args.variant}' on {rows[0]['device_kind']} ({rows[0]['backend']}): counterfactual = "
-          f"{rows[0]['ddim_steps']}-step inversion to depth {rows[0]['depth']} + guided denoising")
+          f"{rows[0]['ddim_steps']}-step inversion to depth {rows[0]['depth']} + guided denoising, {args.dtype}")
     print(f"{'devices':>7s} {'CF/s':>8s} {'CF batch':>9s} {'prompt steps/s':>15s} {'prompt batch':>13s}")
     for r in rows:
         print(f"{r['devices']:7d} {r['cf_per_s']:8.2f} {r['cf_batch']:9d} {r['prompt_steps_per_s']:15.1f} "
               f"{r['prompt_batch']:13d}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"variant": args.variant, "rows": rows}, f, indent=2)
+        json.dump({"variant": args.variant, "dtype": args.dtype, "rows": rows}, f, indent=2)
     print(f"wrote {args.out}")
 
 
