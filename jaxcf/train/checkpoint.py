@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
-from absl import logging
 
 from jaxcf.models.loading import CheckpointError
 from jaxcf.utils import io
@@ -32,10 +32,8 @@ class CheckpointUnreadable(CheckpointError):
 
 
 def _warn(message: str) -> None:
-    logging.warning("%s", message)
+    """One ``jaxcf: warning:`` line on stderr (process 0), like the command line's errors."""
     if jax.process_index() == 0:
-        import sys
-
         print(f"jaxcf: warning: {message}", file=sys.stderr, flush=True)
 
 
