@@ -50,6 +50,7 @@ def square(c):
     c.surrogate.steps = 2000
     c.oracle.update(steps=2000, width=32, num_stages=4)
     c.cfkd.update(num_inputs=800, steps=1000, batch_size=100)
+    c.edit.min_alignment = 0.0  # Algorithm 2 as published: only the |w.u_k| guard
     c.eval.update(num_inputs=200, batch_size=100)
     c.checkpoint_every = 500
 
@@ -128,7 +129,7 @@ def get_config(arg=None):
                                                   fit_examples=1000))
     # Algorithm 2; min_alignment skips atoms whose cosine with the probe is below it (their edits
     # would be lam |w.z| / (|w| cos) long, far off the codes)
-    c.edit = ml_collections.ConfigDict(dict(lam=2.0, guard=1e-6, min_alignment=0.0))
+    c.edit = ml_collections.ConfigDict(dict(lam=2.0, guard=1e-6, min_alignment=0.1))
     # ResNet-18 with the ImageNet stem (7x7/2 conv + max-pool), width 1/4: 0.7M parameters.
     c.student = ml_collections.ConfigDict(dict(kind="resnet18", width=0.25, stem="imagenet", steps=200, batch_size=64,
                                                learning_rate=1e-3))
