@@ -139,7 +139,7 @@ def get_config(arg=None):
     # add_true: also add the "true" counterfactuals (with the flipped label); the official code adds
     # only the "false" ones, with their source label. ground_truth: also run CFKD on perfect
     # counterfactuals (inputs re-rendered with one factor moved; Square only), the loop's upper bound.
-    c.cfkd = ml_collections.ConfigDict(dict(teachers=("preclustered", "model"), true_factor="ColorA", num_inputs=256,
+    c.cfkd = ml_collections.ConfigDict(dict(teachers=("preclustered", "model"), true_factor="ColorA", num_inputs=192,
                                             mix=0.5, only_flipped=True, add_true=False, ground_truth=True,
                                             steps=400, batch_size=64, learning_rate=2e-3))
     # controls: identity / fresh-noise / ground-truth-swap checks of the autoencoder (Square only)
