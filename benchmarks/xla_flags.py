@@ -34,7 +34,7 @@ CANDIDATES = [
 ]
 
 
-def child(size: str, batch: int, repeats: int, out_npy: str) -> dict:
+def child(size: str, batch: int, repeats: int, out_npy: str, train: bool = True) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
@@ -68,6 +68,8 @@ def child(size: str, batch: int, repeats: int, out_npy: str) -> dict:
     fwd = lambda p, x: model.apply({"params": p}, x, t)  # noqa: E731
     compiled, c_fwd, t_fwd = timeit(fwd, params, x)
     np.save(out_npy, np.asarray(compiled(params, x)))
+    if not train:
+        return {"forward_s": t_fwd, "forward_compile_s": c_fwd, "train_step_s": float("nan"), "train_compile_s": 0.0}
 
     tx = optax.adamw(1e-4)
     loss = denoising_loss(model, make_schedule("linear"))
@@ -86,12 +88,13 @@ def main():
     ap.add_argument("--size", default="small")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--forward_only", action="store_true", help="skip the training step")
     ap.add_argument("--flags", action="append", help="a flag set to try (repeatable); default: the built-in list")
     ap.add_argument("--out", default="benchmarks/results/xla_flags.json")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        print(json.dumps(child(args.size, args.batch, args.repeats, args.child)))
+        print(json.dumps(child(args.size, args.batch, args.repeats, args.child, not args.forward_only)))
         return
     candidates = args.flags or CANDIDATES
     if candidates[0] != "":
@@ -102,7 +105,7 @@ def main():
     for flags in candidates:
         env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
         cmd = [sys.executable, os.path.abspath(__file__), f"--child={tmp}", f"--size={args.size}",
-               f"--batch={args.batch}", f"--repeats={args.repeats}"]
+               f"--batch={args.batch}", f"--repeats={args.repeats}"] + (["--forward_only"] if args.forward_only else [])
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
         if done.returncode:
             print(f"{flags or '(none)'}: failed: {done.stderr.strip().splitlines()[-1:]}")
