@@ -114,7 +114,7 @@ def get_config(arg=None):
         lam=1.0, tau=1.0, all_classes=False))
     # ground_truth: a "DiCap, ground-truth counterfactuals" row (the few-shot images re-rendered with
     # the shape set to y_cf; the estimation stage's upper bound) and the model-free judge of the
-    # generated counterfactuals (shapes world only)
+    # generated counterfactuals (shapes world only; tfds data have no renderer and skip both)
     c.eval = ml_collections.ConfigDict(dict(ground_truth=True))
     c.checkpoint_every = 500
     variants = {"toy": toy, "test": test, **{k: paper(v) for k, v in PAPER_DATASETS.items()}}

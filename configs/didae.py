@@ -142,7 +142,8 @@ def get_config(arg=None):
     c.cfkd = ml_collections.ConfigDict(dict(teachers=("preclustered", "model"), true_factor="ColorA", num_inputs=192,
                                             mix=0.5, only_flipped=True, add_true=False, ground_truth=True,
                                             steps=400, batch_size=64, learning_rate=2e-3))
-    # controls: identity / fresh-noise / ground-truth-swap checks of the autoencoder (Square only)
+    # controls: identity / fresh-noise / ground-truth-swap checks of the autoencoder (Square only; other
+    # data have no renderer and skip them, as they skip cfkd.ground_truth)
     c.eval = ml_collections.ConfigDict(dict(num_inputs=32, batch_size=32, grid_examples=6, controls=True))
     return select_variant(arg, {"square_tiny": square_tiny, "square": square, "celeba": celeba, "test": test}, c,
                           default="square_tiny")

@@ -61,7 +61,9 @@ def test_test_variant_runs_every_stage(test_run):
         for png in (f"disentanglement_{kind}.png", f"atoms_{kind}.png", f"counterfactuals_{kind}.png"):
             assert (work / png).stat().st_size > 100
     assert {(r["dictionary"], r["teacher"]) for r in res["cfkd"]} == {
-        (d, t) for d in ("procrustes", "svd") for t in ("preclustered", "model")}
+        (d, t) for d in ("procrustes", "svd") for t in ("preclustered", "model")} | {("ground truth", "preclustered")}
+    assert set(res["controls"]) >= {"identity", "fresh_noise", "swap"}
+    assert (work / "controls.png").stat().st_size > 100 and (work / "counterfactuals_procrustes.npz").exists()
     for r in res["cfkd"]:
         assert r["counterfactuals"] == r["true"] + r["false"]
         if "aga" in r:

@@ -64,10 +64,7 @@ def validate(config) -> None:
         raise cfgs.ConfigError(f"config.foundation.assets={assets!r}: no such folder in {ASSETS}; available: "
                                f"{', '.join(have) or 'none'}; or '' to pretrain the foundation models in the workdir")
     cfgs.check_int(config, "data.shots", 1)
-    cfgs.check_choice(config, "eval.ground_truth", (True, False))
-    if config.eval.ground_truth and config.data.name != "shapes":
-        raise cfgs.ConfigError(f"config.eval.ground_truth=True needs data.name='shapes' (it re-renders the few-shot "
-                               f"images); data.name={config.data.name!r}: set config.eval.ground_truth=False")
+    cfgs.check_choice(config, "eval.ground_truth", (True, False))  # shapes world only (it re-renders the shots)
     cfgs.check_range(config, "data.bias", 0.0, 1.0)
     if not config.seeds or not all(isinstance(s, int) and s >= 0 for s in config.seeds):
         raise cfgs.ConfigError(f"config.seeds={config.seeds!r} must be a non-empty list of integers >= 0")

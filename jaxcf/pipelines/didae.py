@@ -119,9 +119,6 @@ def validate(config) -> None:
     if c.data.name == "celeba" and c.encoder.kind != "clip":
         raise cfgs.ConfigError("config.encoder.kind must be 'clip' for data.name='celeba'")
     decoder_model(c, D or 8)  # unknown decoder fields -> ConfigError
-    if c.data.name != "square" and (c.cfkd.ground_truth or c.eval.controls):
-        raise cfgs.ConfigError("config.cfkd.ground_truth and config.eval.controls need data.name='square' (they "
-                               "re-render inputs from their factors); set them to False")
 
 
 def embed_dim(c) -> int | None:
