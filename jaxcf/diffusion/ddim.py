@@ -90,6 +90,15 @@ def _times(x, t):
     return jnp.full((x.shape[0],), t, jnp.int32)
 
 
+def _sampling_steps(schedule: NoiseSchedule, num_steps: int, depth: float):
+    """The steps of a sampling scan, noisiest first: (t, abar_t, abar_s, i) with step i going from
+    grid level i + 1 to level i of the :func:`ddim_timesteps` grid."""
+    ts = ddim_timesteps(num_steps, schedule.num_train_timesteps, depth)
+    a = grid_alphas(schedule, ts)
+    idx = np.arange(num_steps)[::-1]
+    return jnp.asarray(ts[1:][idx]), a[1:][idx], a[:-1][idx], jnp.asarray(idx)
+
+
 def ddim_invert(
     eps_fn: EpsFn,
     x0: jnp.ndarray,
@@ -139,10 +148,7 @@ def ddim_sample(
     """
     if eta and key is None:
         raise ValueError("ddim_sample: eta > 0 needs an explicit PRNG `key`")
-    ts = ddim_timesteps(num_steps, schedule.num_train_timesteps, depth)
-    a = grid_alphas(schedule, ts)
-    idx = np.arange(num_steps)[::-1]
-    xs = (jnp.asarray(ts[1:][idx]), a[1:][idx], a[:-1][idx], jnp.asarray(idx))
+    xs = _sampling_steps(schedule, num_steps, depth)
 
     def body(x, step):
         t, a_t, a_s, i = step
@@ -212,13 +218,10 @@ def guided_denoise(
     then the ordinary deterministic :func:`ddim_step` is taken. ``x_T`` is usually the output of
     :func:`ddim_invert` at the same ``num_steps`` and ``depth``.
     """
-    ts = ddim_timesteps(num_steps, schedule.num_train_timesteps, depth)
-    a = grid_alphas(schedule, ts)
-    idx = np.arange(num_steps)[::-1]
-    xs = (jnp.asarray(ts[1:][idx]), a[1:][idx], a[:-1][idx])
+    xs = _sampling_steps(schedule, num_steps, depth)
 
     def body(x, step):
-        t, a_t, a_s = step
+        t, a_t, a_s, _ = step
         tb = _times(x, t)
         eps, grad = guidance_gradient(eps_fn, log_prob_fn, x, tb, a_t, cond, y,
                                       guide_on=guide_on, grad_through_eps=grad_through_eps)
@@ -284,13 +287,11 @@ def chain_guided_denoise(
     sum_{i=1..N} i = N (N + 1) / 2 noise-model forward passes (each with its backward) for N steps,
     against N for :func:`guided_denoise`.
     """
-    ts = ddim_timesteps(num_steps, schedule.num_train_timesteps, depth)
-    a = grid_alphas(schedule, ts)
-    idx = np.arange(num_steps)[::-1]  # step j goes from level j + 1 to j
-    xs = (jnp.asarray(ts[1:][idx]), a[1:][idx], a[:-1][idx], jnp.asarray(idx + 1))
+    xs = _sampling_steps(schedule, num_steps, depth)
 
     def body(x, step):
-        t, a_t, a_s, level = step
+        t, a_t, a_s, i = step
+        level = i + 1  # x's grid level
 
         def objective(x):
             x0, eps = denoise_to_x0(eps_fn, x, cond, schedule, num_steps, depth, level)

@@ -13,11 +13,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from jaxcf.diffusion.ddim import _bcast, predict_x0
+
 PREDICTIONS = ("eps", "v", "x0")
-
-
-def _bcast(a, x):
-    return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
 
 
 def target(prediction: str, x0, eps, abar):
@@ -34,11 +32,11 @@ def target(prediction: str, x0, eps, abar):
 
 def eps_and_x0(prediction: str, out, x_t, abar):
     """(eps, x0) implied by the network output ``out`` at x_t; abar [B] or scalar."""
-    a = _bcast(jnp.asarray(abar, jnp.float32), x_t) if jnp.ndim(abar) else jnp.asarray(abar, jnp.float32)
+    a = _bcast(abar, x_t)
     out = out.astype(jnp.float32)
     x_t = x_t.astype(jnp.float32)
     if prediction == "eps":
-        return out, (x_t - jnp.sqrt(1.0 - a) * out) / jnp.sqrt(a)
+        return out, predict_x0(x_t, out, abar)
     if prediction == "v":
         return jnp.sqrt(a) * out + jnp.sqrt(1.0 - a) * x_t, jnp.sqrt(a) * x_t - jnp.sqrt(1.0 - a) * out
     if prediction == "x0":
