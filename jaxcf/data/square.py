@@ -26,6 +26,8 @@ SPLITS = ("train", "val", "test", "unbiased")
 _SPLIT_STREAM = {"train": 0, "val": 0, "test": 1, "unbiased": 2}
 
 BORDER_GREY = 127
+# the largest value of each factor (colours 0..255, positions 0..51): factors / FACTOR_RANGE lie in [0, 1]
+FACTOR_RANGE = np.array([255.0, 255.0, 51.0, 51.0], np.float32)
 
 
 def geometry(resolution: int) -> tuple[int, int, int]:

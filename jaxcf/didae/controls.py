@@ -17,9 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from jaxcf.data.square import FACTOR_NAMES, read_square, render_square, swap_factor
-
-FACTOR_RANGE = np.array([255.0, 255.0, 51.0, 51.0])  # scale of each factor (the disentanglement matrix's unit)
+from jaxcf.data.square import FACTOR_NAMES, FACTOR_RANGE, read_square, render_square, swap_factor
 
 
 def read(images: np.ndarray) -> np.ndarray:
@@ -50,14 +48,16 @@ def generator_controls(x: np.ndarray, factors: np.ndarray, encode: Callable, inv
     r = x.shape[1]
     z = encode(x)
     x_T = invert(x, z)
-    read_x = read(x)
+    read_in = read_square(x, signed=True)
+    read_x = read_in["factors"]
     recon = decode(x_T, z)
     noise = np.random.default_rng(seed).standard_normal(x.shape).astype(np.float32)
     fresh = decode(noise, z)
+    read_fresh = read_square(fresh, signed=True)
     out = {"identity": per_factor(np.abs(read(recon) - read_x).mean(0)),
-           "fresh_noise": per_factor(np.abs(read(fresh) - read_x).mean(0)),
-           "fresh_noise_rms": float(read_square(fresh, signed=True)["rms"].mean()),
-           "input_rms": float(read_square(x, signed=True)["rms"].mean()),
+           "fresh_noise": per_factor(np.abs(read_fresh["factors"] - read_x).mean(0)),
+           "fresh_noise_rms": float(read_fresh["rms"].mean()),
+           "input_rms": float(read_in["rms"].mean()),
            "swap": {}}
     images = {"input": x, "reconstruction": recon, "fresh_noise": fresh}
     for k, name in enumerate(FACTOR_NAMES):

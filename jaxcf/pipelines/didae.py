@@ -156,16 +156,15 @@ class DidaeData:
 
 
 def square_data(config) -> DidaeData:
-    from jaxcf.data.square import factor_halves, square_dataset
+    from jaxcf.data.square import FACTOR_RANGE, factor_halves, square_dataset
 
     d = config.data
-    scale = np.array([255.0, 255.0, 51.0, 51.0], np.float32)
     common = dict(resolution=d.resolution, seed=d.seed)
 
     def prep(ds):
         a = {k: v for k, v in ds.arrays.items() if k != "mask"}
         a["halves"] = factor_halves(a["factors"])
-        a["factors"] = a["factors"].astype(np.float32) / scale
+        a["factors"] = a["factors"].astype(np.float32) / FACTOR_RANGE
         return ArrayDataset(a, ds.class_names, ds.info)
 
     poisoned = dict(num_samples=d.num_samples, agree_fraction=d.agree_fraction, val_fraction=d.val_fraction, **common)
@@ -564,11 +563,8 @@ def run(config, workdir: str, mesh):
     encode = batched(lambda p, x: ae.encode(p, x), mesh, max(eb, 64))
     square = config.data.name == "square"
 
-    def images(ds, idx=None):
-        return ds.get(np.arange(len(ds)) if idx is None else idx, keys=("image",))["image"]
-
     # 2. dictionaries on held-out codes
-    z_fit = encode(enc_params, images(data.fit))
+    z_fit = encode(enc_params, images_of(data.fit))
     halves = data.fit.arrays["halves"].astype(np.float32) - 0.5
     dicts = {}
     for kind in config.dictionary.kinds:
@@ -598,7 +594,7 @@ def run(config, workdir: str, mesh):
 
     predict_student = batched(lambda p, x, fr: jax.nn.softmax(student.apply(p, x, fr)[:, :2]), mesh, eb)
     predict_oracle = batched(lambda p, x: oracle.apply(p, x, None), mesh, eb)
-    test_x, test = images(data.test), data.test.arrays
+    test_x, test = images_of(data.test), data.test.arrays
 
     def evaluate(params):
         pred = np.argmax(predict_student(params, test_x, frozen), -1)
@@ -642,7 +638,7 @@ def run(config, workdir: str, mesh):
         return np.clip(predict_oracle(oracle_params, x)[:, 2:], 0.0, 1.0)
 
     factor_before = factors_of(eval_x)
-    train_x = images(data.train)
+    train_x = images_of(data.train)
     pred_train = np.argmax(predict_student(poisoned, train_x, frozen), -1)
     correct = np.flatnonzero(pred_train == data.train.arrays["label"])
     cf_idx = correct[:config.cfkd.num_inputs]
@@ -665,6 +661,7 @@ def run(config, workdir: str, mesh):
 
     # train-set codes for distillation (Algorithm 2, step 1): the student's hard labels
     z_train = encode(enc_params, train_x)
+    z_cf = z_train[cf_idx]  # the codes of the counterfactual inputs (for the edit lengths)
     rows, per_dict = [], {}
     finetune = _finetuner(config, student, poisoned, data.train, evaluate, workdir, mesh, frozen)
     for kind, (omega, mu) in dicts.items():
@@ -707,7 +704,7 @@ def run(config, workdir: str, mesh):
         p_s, p_sur = student_flips(x_cf)
         valid = np.asarray(valid)
         out["atoms_skipped"] = int(np.sum(~valid))
-        out["edit_length"] = edit_lengths(encode(enc_params, cf_x), (U, V, alpha, mu), z_fit).tolist()
+        out["edit_length"] = edit_lengths(z_cf, (U, V, alpha, mu), z_fit).tolist()
         out["flip_rate"] = cfkd.flip_rate(p_s[valid])
         out["nafr"] = cfkd.nafr(p_s[valid], p_sur[valid])
         out["flip_rate_per_atom"] = [cfkd.flip_rate(p_s[k]) for k in range(K)]
@@ -784,8 +781,9 @@ def run(config, workdir: str, mesh):
 
 def square_factors(ds: ArrayDataset) -> np.ndarray:
     """The integer Square factors [N, 4] of a split (stored scaled to [0, 1])."""
-    scale = np.array([255.0, 255.0, 51.0, 51.0], np.float32)
-    return np.rint(ds.arrays["factors"] * scale).astype(np.int32)
+    from jaxcf.data.square import FACTOR_RANGE
+
+    return np.rint(ds.arrays["factors"] * FACTOR_RANGE).astype(np.int32)
 
 
 def edit_lengths(z, edit, z_fit) -> np.ndarray:
@@ -882,9 +880,9 @@ def write_report(results: dict, workdir: str) -> None:
     for kind, d in results["dictionaries"].items():
         lines.append(f"| {kind} | {d['flip_rate']:.3f} | {d['nafr']:.3f} | {d['cf_per_second']:.1f} | "
                      f"{d['probe_agreement']:.3f} | {d['atom_is_true']} |")
+    names = controls.FACTOR_NAMES  # the reader's columns (Square)
     for kind, d in results["dictionaries"].items():
         if "disentanglement_matrix_reader" in d:
-            names = ("ColorA", "ColorB", "PositionX", "PositionY")
             lines += ["", f"{kind} atoms (reflections), mean |factor change| read from pixels / factor range:", "",
                       "| atom | " + " | ".join(names) + " | edit length (Alg. 2, x code spread) |", "|---" * 6 + "|"]
             for k, row in enumerate(d["disentanglement_matrix_reader"]):
@@ -892,7 +890,6 @@ def write_report(results: dict, workdir: str) -> None:
                 lines.append(f"| {k} | " + " | ".join(f"{v:.3f}" for v in row) + f" | {length:.2f} |")
     c = results.get("controls")
     if c:
-        names = ("ColorA", "ColorB", "PositionX", "PositionY")
         lines += ["", "Autoencoder controls, read by the pixel reader (colours 0..255, positions in 64-px units):", "",
                   "| control | " + " | ".join(names) + " |", "|---" * 5 + "|"]
         for key, label in (("identity", "reconstruction, mean abs error"), ("fresh_noise", "fresh-noise sample, mean abs error")):
