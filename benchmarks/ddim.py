@@ -14,13 +14,14 @@ table and writes JSON (with the XLA_FLAGS it ran under).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
 import time
 
 import jax
+
+from common import write_json  # benchmarks/common.py (scripts run from their folder's path)
 import jax.numpy as jnp
 import numpy as np
 
@@ -180,10 +181,7 @@ def main():
            "unet_forward_gflop": unet_flops / 1e9, "unet_forward_s": t_fwd, "unet_gflops_per_s": unet_rate / 1e9,
            "matmul_size": M, "matmul_gflops_per_s": mm_rate / 1e9,
            "unet_fraction_of_matmul_rate": unet_rate / mm_rate}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from common import write_json  # benchmarks/common.py (scripts run from their folder's path)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -147,10 +149,7 @@ def main():
     for r in rows:
         print(f"{r['devices']:7d} {r['cf_per_s']:8.2f} {r['cf_batch']:9d} {r['prompt_steps_per_s']:15.1f} "
               f"{r['prompt_batch']:13d}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"variant": args.variant, "dtype": args.dtype, "rows": rows}, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, {"variant": args.variant, "dtype": args.dtype, "rows": rows})
 
 
 if __name__ == "__main__":

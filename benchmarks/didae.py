@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import os
 import time
+
+from common import write_json  # benchmarks/common.py (scripts run from their folder's path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -177,9 +178,7 @@ def main():
         if f"didae_vs_{m}" in r:
             print(f"DiDAE / {names[m]} CF/s: {r[f'didae_vs_{m}']}x")
     if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(r, f, indent=2)
+        write_json(a.out, r)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import numpy as np
+
+from common import write_json  # benchmarks/common.py (scripts run from their folder's path)
 
 # (name, H=W, C_in, C_out) of the 'small' UNet2DModel (widths 64/128/128 at 32/16/8 px)
 CONVS = [("conv3x3 32px 64->64", 32, 64, 64), ("conv3x3 16px 128->128", 16, 128, 128),
@@ -110,10 +111,7 @@ def main():
               f"{r['xla_fwd_ms'] / r['torch_fwd_ms']:13.2f}x")
     out = {"batch": B, "repeats": R, "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "torch_threads": torch.get_num_threads(), "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import platform
 import sys
@@ -37,6 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+from common import write_json  # noqa: E402
 from ddim import SIZES  # noqa: E402  (the UNet2DModel configs shared with the DDIM benchmark)
 
 LR, WEIGHT_DECAY = 1e-4, 0.01
@@ -279,10 +279,7 @@ def main():
     out = {"dtype": args.dtype, "steps": args.steps, "repeats": args.repeats, "device": device,
            "backend": jax.default_backend(), "platform": platform.platform(), "jax": jax.__version__,
            "torch": torch.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 
+from common import write_json  # benchmarks/common.py (scripts run from their folder's path)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -122,9 +124,7 @@ def main():
               f"compile {r['forward_compile_s'] + r['train_compile_s']:5.1f} s  diff {r['max_abs_diff_vs_none']:.1e}",
               flush=True)
     os.remove(tmp)
-    with open(args.out, "w") as f:
-        json.dump({"size": args.size, "batch": args.batch, "repeats": args.repeats, "rows": rows}, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, {"size": args.size, "batch": args.batch, "repeats": args.repeats, "rows": rows})
 
 
 if __name__ == "__main__":
