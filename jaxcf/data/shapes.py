@@ -161,13 +161,14 @@ def captions(factors: np.ndarray, *, resolution: int = 32, layout: bool = False)
 
 
 def sample_factors(shapes: np.ndarray, backgrounds: np.ndarray, rng: np.random.Generator, *,
-                   resolution: int = 32) -> np.ndarray:
+                   resolution: int = 32, sizes: tuple[int, int] | None = None) -> np.ndarray:
     """Factors int32 [N, 6] for given shapes and backgrounds [N]; object colour uniform over the
-    colours other than the background, size and position uniform (object inside the image)."""
+    colours other than the background, size uniform in `sizes` (inclusive, pixels; default
+    `size_range(resolution)`) and position uniform (object inside the image)."""
     n = len(shapes)
     colors = rng.integers(0, len(COLOR_NAMES) - 1, size=n)
     colors = colors + (colors >= backgrounds)  # skip the background colour
-    lo, hi = size_range(resolution)
+    lo, hi = sizes or size_range(resolution)
     sizes = rng.integers(lo, hi + 1, size=n)
     xs = rng.integers(0, resolution - sizes + 1)
     ys = rng.integers(0, resolution - sizes + 1)
@@ -186,23 +187,35 @@ def _other_color(avoid: np.ndarray, rng) -> np.ndarray:
 
 def shapes_dataset(split: str = "pretrain", *, num_examples: int = 5000, shots: int = 16,
                    bias: float = 0.9, num_per_class: int = 100, resolution: int = 32,
-                   caption_layout: bool = False, seed: int = 0) -> ArrayDataset:
+                   caption_layout: bool = False, object_size: tuple[int, int] | None = None,
+                   test_bias: float | None = None, seed: int = 0) -> ArrayDataset:
     """One split of the shapes world as an ArrayDataset.
 
     split:
       "pretrain": `num_examples`, all classes, all factors uniform (for a tiny CLIP / diffusion);
       "fewshot": `shots` per base class; a fraction `bias` (rounded per class) on the class's
         assigned background, the rest on other backgrounds;
-      "test_base" / "test_novel" / "test_all": `num_per_class`, backgrounds uniform;
+      "test_base": `num_per_class` per base class; backgrounds uniform, or with `test_bias` a
+        fraction `test_bias` on the class's assigned background (the few-shot distribution);
+      "test_novel" / "test_all": `num_per_class`, backgrounds uniform;
       "test_conflict": `num_per_class` per base class, each on another base class's assigned
         background (bias-conflicting).
+    object_size: (min, max) object side in pixels (default `size_range(resolution)`, the
+    pretraining range); the few-shot task can use another range (a domain shift).
     Labels index the split's class_names (novel classes are relabelled from 0, as in CoCoOp).
     Arrays: image uint8 [N, R, R, 3]; label int32 [N]; factors int32 [N, 6]; mask bool [N, R, R];
     aligned int32 [N] (1 where the background is the class's assigned one); caption str [N].
     """
     check_choice("split", split, SPLITS)
-    if not 0.0 <= bias <= 1.0:
-        raise ValueError(f"bias must be in [0, 1], got {bias}.")
+    for name, value in (("bias", bias), ("test_bias", test_bias)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}.")
+    if object_size is not None:
+        lo, hi = (int(v) for v in object_size)
+        if not 1 <= lo <= hi <= resolution:
+            raise ValueError(f"object_size must be (min, max) with 1 <= min <= max <= resolution "
+                             f"({resolution}), got {tuple(object_size)}.")
+        object_size = (lo, hi)
     rng = np.random.default_rng([seed, _SPLIT_STREAM[split]])
     n_colors = len(COLOR_NAMES)
     if split == "pretrain":
@@ -224,12 +237,21 @@ def shapes_dataset(split: str = "pretrain", *, num_examples: int = 5000, shots: 
         own_pos = np.searchsorted(classes, shape)
         other = other + (other >= own_pos)
         background = np.array([assigned_background(classes[o]) for o in other])
+    elif split == "test_base" and test_bias is not None:
+        classes = BASE_CLASSES
+        shape = np.repeat(np.asarray(classes), num_per_class)
+        n_bias = int(round(test_bias * num_per_class))
+        is_biased = np.tile(np.arange(num_per_class) < n_bias, len(classes))
+        own = np.array([assigned_background(s) for s in shape])
+        background = np.where(is_biased, own, _other_color(own, rng))
+        perm = rng.permutation(len(shape))
+        shape, background = shape[perm], background[perm]
     else:
         classes = {"test_base": BASE_CLASSES, "test_novel": NOVEL_CLASSES,
                    "test_all": tuple(range(len(SHAPE_NAMES)))}[split]
         shape = _balanced(classes, num_per_class, rng)
         background = rng.integers(0, n_colors, size=len(shape))
-    factors = sample_factors(shape, background, rng, resolution=resolution)
+    factors = sample_factors(shape, background, rng, resolution=resolution, sizes=object_size)
     if split == "fewshot":
         perm = rng.permutation(len(factors))
         factors = factors[perm]
