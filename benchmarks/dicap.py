@@ -41,7 +41,7 @@ def measure(variant: str, cf_batch: int, prompt_batch: int, repeats: int, dtype:
     from jaxcf.diffusion import make_schedule
     from jaxcf.models.clip import CLIP, CLIPConfig, to_clip_input
     from jaxcf.models.registry import DTYPES, build_model
-    from jaxcf.pipelines.foundation import world_tokenizer
+    from jaxcf.foundation.toy import world_tokenizer
     from jaxcf.train import create_train_state, data_sharding, jit_update, make_mesh, make_update_fn, replicated, \
         shard_batch
     from jaxcf.train.precision import frozen_params

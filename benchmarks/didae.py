@@ -59,14 +59,14 @@ def measure(size: str, batch: int, atoms: int, steps: int, repeats: int, guidanc
     import jax.numpy as jnp
 
     from jaxcf.didae.autoencoder import DiffusionAutoencoder, square_encode_fn
-    from jaxcf.didae.dictionary import apply_atom_edits, boundary_edit, svd_dictionary
+    from jaxcf.didae.dictionary import boundary_inversion, svd_dictionary
     from jaxcf.diffusion import chain_guided_denoise, ddim_invert, guided_denoise, make_schedule
     from jaxcf.models.diffae_unet import init_params as dec_init
     from jaxcf.models.encoders import init_params as enc_init
     from jaxcf.models.init import num_params
     from jaxcf.models.registry import build_model
     from jaxcf.models.resnet import init_variables
-    from jaxcf.pipelines.didae import decoder_model
+    from jaxcf.didae.foundation import decoder_model
     from jaxcf.train.precision import frozen_params
 
     c = load_config(size)
@@ -89,14 +89,14 @@ def measure(size: str, batch: int, atoms: int, steps: int, repeats: int, guidanc
     x = jax.random.uniform(jax.random.key(3), (batch, res, res, 3), minval=-1, maxval=1)
     omega, mu = svd_dictionary(jax.random.normal(jax.random.key(4), (4 * D, D)), atoms)
     w = jax.random.normal(jax.random.key(5), (D,))
-    edit, _ = boundary_edit(w, omega)
+    edit, _ = boundary_inversion(w, omega, mu)
 
     def log_prob(sp, x0, t, y):  # the classifier's log p(target | x0)
         logits = student.apply({"params": sp}, x0).astype(jnp.float32)
         return jax.nn.log_softmax(logits)[jnp.arange(x0.shape[0]), y]
 
     def didae(enc_p, dec_p, sp, x):
-        return ae.counterfactuals(enc_p, dec_p, x, lambda z: apply_atom_edits(z, mu, *edit))[0]
+        return ae.counterfactuals(enc_p, dec_p, x, edit)[0]
 
     def guided(chain: bool):
         def run(enc_p, dec_p, sp, x):

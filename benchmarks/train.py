@@ -159,7 +159,7 @@ def decoder_setup(batch: int | None, dtype: str):
     from jaxcf.models.encoders import init_params as enc_init
     from jaxcf.models.init import num_params
     from jaxcf.models.registry import build_model
-    from jaxcf.pipelines.didae import decoder_model
+    from jaxcf.didae.foundation import decoder_model
     from jaxcf.train import create_train_state, jit_update, make_mesh, make_update_fn, param_shardings, shard_batch
     from jaxcf.train.precision import frozen_params
 
@@ -200,7 +200,7 @@ def clip_setup(batch: int | None, dtype: str):
     from jaxcf.models.clip import CLIP, CLIPConfig, contrastive_loss, to_clip_input
     from jaxcf.models.init import num_params
     from jaxcf.models.registry import DTYPES
-    from jaxcf.pipelines.foundation import world_tokenizer
+    from jaxcf.foundation.toy import world_tokenizer
     from jaxcf.train import create_train_state, jit_update, make_mesh, make_update_fn, shard_batch
 
     c = load_config("dicap", "toy")

@@ -134,6 +134,12 @@ def get_config(arg=None):
     c.student = ml_collections.ConfigDict(dict(kind="resnet18", width=0.25, stem="imagenet", steps=200, batch_size=64,
                                                learning_rate=1e-3))
     c.surrogate = ml_collections.ConfigDict(dict(steps=200, adv_eps=0.06))  # FGSM radius, images in [-1, 1]
+    # every classifier run (encoder, student, surrogate, oracle, CFKD): Adam after clipping the
+    # gradient norm at 1, linear warmup over this fraction of its steps (at least one), cosine
+    # decay to end_fraction of its learning rate
+    c.optim = ml_collections.ConfigDict(dict(warmup_fraction=0.05, end_fraction=0.05))
+    # classifier inits draw from jax.random.key(seed + offset)
+    c.seed_offsets = ml_collections.ConfigDict(dict(student=10, surrogate=11, oracle=12))
     c.oracle = ml_collections.ConfigDict(dict(steps=400, width=16, num_stages=3, batch_size=64,
                                               learning_rate=2e-3))
     # add_true: also add the "true" counterfactuals (with the flipped label); the official code adds
@@ -144,6 +150,8 @@ def get_config(arg=None):
                                             steps=400, batch_size=64, learning_rate=2e-3))
     # controls: identity / fresh-noise / ground-truth-swap checks of the autoencoder (Square only; other
     # data have no renderer and skip them, as they skip cfkd.ground_truth)
-    c.eval = ml_collections.ConfigDict(dict(num_inputs=32, batch_size=32, grid_examples=6, controls=True))
+    # encode_batch_size: codes are computed in batches of max(batch_size, encode_batch_size)
+    c.eval = ml_collections.ConfigDict(dict(num_inputs=32, batch_size=32, grid_examples=6, controls=True,
+                                            encode_batch_size=64))
     return select_variant(arg, {"square_tiny": square_tiny, "square": square, "celeba": celeba, "test": test}, c,
                           default="square_tiny")

@@ -51,11 +51,17 @@ def get(config: ml_collections.ConfigDict, field: str) -> Any:
     return node
 
 
-def check_choice(config, field: str, allowed: Iterable[Any]) -> None:
+def check_value(name: str, value: Any, allowed: Iterable[Any]) -> None:
+    """The one choice check: raises ConfigError (a ValueError) ``name=value is not allowed; allowed: ...``."""
     allowed = list(allowed)
-    value = get(config, field)
     if value not in allowed:
-        raise ConfigError(f"config.{field}={value!r} is not allowed; allowed: {', '.join(map(repr, allowed))}")
+        shown = ", ".join(map(repr, allowed[:40])) + (f", ... ({len(allowed)} in all)" if len(allowed) > 40 else "")
+        raise ConfigError(f"{name}={value!r} is not allowed; allowed: {shown}")
+
+
+def check_choice(config, field: str, allowed: Iterable[Any]) -> None:
+    """:func:`check_value` of ``config.<field>``."""
+    check_value(f"config.{field}", get(config, field), allowed)
 
 
 def check_int(config, field: str, minimum: int = 1) -> None:

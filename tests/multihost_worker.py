@@ -3,9 +3,9 @@
 Joins the other processes through jaxcf's own :func:`jaxcf.train.distributed.initialize` (the
 JAXCF_* variables; none: one process), builds the global data mesh, and runs a few steps of
 
-- DiCap prompt learning (:func:`jaxcf.pipelines.dicap.train_prompts`, tiny random CLIP, random
+- DiCap prompt learning (:func:`jaxcf.dicap.estimation.train_prompts`, tiny random CLIP, random
   image features), and
-- the DiDAE decoder (:func:`jaxcf.pipelines.diffusion.train_eps_model` with a tiny DiffAE UNet
+- the DiDAE decoder (:func:`jaxcf.diffusion.train.train_eps_model` with a tiny DiffAE UNet
   conditioned on a frozen tiny SquareEncoder, on 16 px Square images),
 
 then reruns each (it must resume from the collective Orbax checkpoint and train nothing) and
@@ -33,9 +33,9 @@ from jaxcf.didae.autoencoder import semantic_cond, square_encode_fn  # noqa: E40
 from jaxcf.diffusion import make_schedule  # noqa: E402
 from jaxcf.models import diffae_unet, encoders  # noqa: E402
 from jaxcf.models.clip import CLIP, CLIPConfig, WordTokenizer  # noqa: E402
-from jaxcf.pipelines.dicap import PromptSetup, train_prompts  # noqa: E402
-from jaxcf.pipelines.diffusion import train_eps_model  # noqa: E402
-from jaxcf.pipelines.foundation import Foundation  # noqa: E402
+from jaxcf.dicap.estimation import PromptSetup, train_prompts  # noqa: E402
+from jaxcf.diffusion.train import train_eps_model  # noqa: E402
+from jaxcf.foundation import Foundation  # noqa: E402
 from jaxcf.train import MetricWriter, make_mesh, to_host  # noqa: E402
 
 CLASSES = ["circle", "square", "star", "hexagon"]
@@ -72,9 +72,9 @@ def didae(workdir, mesh):
     dataset = square_dataset("unbiased", num_samples=32, resolution=16)
     train_cfg = ml_collections.ConfigDict(dict(steps=STEPS, batch_size=8, learning_rate=1e-3, warmup_steps=1,
                                                ema_decay=0.5))
+    run_config = ml_collections.ConfigDict(dict(checkpoint_every=2, keep_checkpoints=2, log_every=1))
     run = lambda: train_eps_model(  # noqa: E731
-        model, make_schedule("linear", 100), dataset, train_cfg, workdir, mesh, seed=0, log_every=1,
-        checkpoint_every=2, keep=2, desc="didae", init_params=diffae_unet.init_params(model, jax.random.key(2)),
+        model, make_schedule("linear", 100), dataset, train_cfg, workdir, mesh, run_config, seed=0, desc="didae", init_params=diffae_unet.init_params(model, jax.random.key(2)),
         cond_fn=semantic_cond(square_encode_fn(encoder)), frozen=enc_params)
     params = to_host(run())
     again = to_host(run())

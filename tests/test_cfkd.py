@@ -7,8 +7,7 @@ import pytest
 
 from jaxcf.didae import cfkd
 from jaxcf.didae.autoencoder import DiffusionAutoencoder
-from jaxcf.didae.dictionary import (apply_atom_edits, boundary_edit, boundary_inversion, procrustes_dictionary,
-                                    reflect_all, reflection_edit)
+from jaxcf.didae.dictionary import boundary_inversion, procrustes_dictionary, reflect, reflect_all
 from jaxcf.diffusion import make_schedule
 
 
@@ -19,32 +18,34 @@ def _problem(seed=0, N=64, D=10, K=3):
     return z, np.asarray(omega), np.asarray(mu), rng
 
 
-def test_linear_edit_form_equals_reflection_and_algorithm_2():
+def test_atom_edits_equal_reflection_and_algorithm_2():
     z, omega, mu, rng = _problem()
-    np.testing.assert_allclose(apply_atom_edits(z, mu, *reflection_edit(omega)), reflect_all(z, omega, mu),
-                               atol=1e-5)
+    refl = reflect_all(omega, mu)(z)  # [K, N, D]
+    for k in range(omega.shape[1]):
+        np.testing.assert_allclose(refl[k], reflect(z, omega, mu, k), atol=1e-5)
     w = rng.normal(size=z.shape[1]).astype(np.float32)
-    (U, V, alpha), valid = boundary_edit(jnp.asarray(w), jnp.asarray(omega), lam=2.0)
-    ref, ref_valid = boundary_inversion(z - mu, w, omega, lam=2.0)
-    np.testing.assert_allclose(apply_atom_edits(z, mu, U, V, alpha), np.asarray(ref) + mu, atol=1e-4)
-    np.testing.assert_array_equal(valid, ref_valid)
+    edit, valid = boundary_inversion(jnp.asarray(w), jnp.asarray(omega), mu, lam=2.0)
+    assert bool(np.all(valid))
+    z64, w64, o64, mu64 = (np.asarray(a, np.float64) for a in (z, w, omega, mu))
+    for k in range(omega.shape[1]):  # float64 closed form on centred codes
+        expected = z64 - 2.0 * ((z64 - mu64) @ w64 / (w64 @ o64[:, k]))[:, None] * o64[:, k][None]
+        np.testing.assert_allclose(np.asarray(edit(z)[k]), expected, rtol=1e-4, atol=1e-4)
     # lam = 2 mirrors the probe's logit on centred codes: w.(z'_k - mu) = -w.(z - mu)
-    edited = np.asarray(apply_atom_edits(z, mu, U, V, alpha))
+    edited = np.asarray(edit(z))
     np.testing.assert_allclose((edited - mu) @ w, -np.broadcast_to((z - mu) @ w, edited.shape[:2]), rtol=1e-3,
                                atol=1e-3)
 
 
-def test_boundary_edit_guards_and_errors():
+def test_boundary_inversion_guards_and_errors():
     z, omega, mu, _ = _problem(D=6, K=2)
     w = np.zeros(6, np.float32)
     with pytest.raises(ValueError, match="too weakly aligned with every atom"):
-        boundary_edit(jnp.asarray(w), jnp.asarray(omega))
+        boundary_inversion(jnp.asarray(w), jnp.asarray(omega), mu)
     # a probe orthogonal to atom 0 only: atom 0 is left unedited, atom 1 is used
     w = np.asarray(omega[:, 1])
-    (U, V, alpha), valid = boundary_edit(jnp.asarray(w), jnp.asarray(omega))
+    edit, valid = boundary_inversion(jnp.asarray(w), jnp.asarray(omega), mu)
     assert list(np.asarray(valid)) == [False, True]
-    edited = np.asarray(apply_atom_edits(z, mu, U, V, alpha))
-    np.testing.assert_allclose(edited[0], z, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(edit(z))[0], z, atol=1e-6)
 
 
 def _irls(z, y, l2, iters=50):

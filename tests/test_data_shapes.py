@@ -102,7 +102,7 @@ def test_shapes_are_distinguishable():
 def test_registry_and_errors():
     ds = get_dataset("shapes", split="fewshot", shots=2, resolution=24)
     assert ds.arrays["image"].shape == (12, 24, 24, 3)
-    b = next(ds.batches(4, keys=("image", "label", "factors")))
+    b = ds.get(np.arange(4), keys=("image", "label", "factors"))
     assert b["image"].dtype == np.float32 and -1 <= b["image"].min() <= b["image"].max() <= 1
     with pytest.raises(ValueError, match="split.*pretrain"):
         shapes_dataset("conflict")

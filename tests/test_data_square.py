@@ -5,7 +5,6 @@ import pytest
 
 from jaxcf.data import ArrayDataset, get_dataset, square_dataset
 from jaxcf.data import square
-from jaxcf.data.common import batch_indices
 
 
 @pytest.fixture(scope="module")
@@ -101,49 +100,19 @@ def _toy(n=10):
                          "label": np.arange(n, dtype=np.int32)}, class_names=("a",))
 
 
-def test_batches_contract():
+def test_get_contract():
     ds = _toy(10)
-    b = next(ds.batches(4, seed=0))
+    b = ds.get(np.arange(4))
     assert b["image"].dtype == np.float32 and b["image"].shape == (4, 2, 2, 3)
     assert b["label"].dtype == np.int32
     np.testing.assert_allclose(b["image"][:, 0, 0, 0], b["label"] / 127.5 - 1)
-    # Deterministic for a seed, different across seeds and epochs.
-    run = lambda **kw: [x["label"] for x in ds.batches(2, num_epochs=2, **kw)]
-    np.testing.assert_array_equal(run(seed=1), run(seed=1))
-    assert not np.array_equal(run(seed=1), run(seed=2))
-    epochs = np.concatenate(run(seed=1)).reshape(2, 10)
-    assert sorted(epochs[0]) == list(range(10)) and not np.array_equal(epochs[0], epochs[1])
-    assert [len(x) for x in run(seed=0, shuffle=False)] == [2] * 10
 
 
-def test_batches_split_global_batch_across_processes():
+def test_get_errors_and_dataset_names():
     ds = _toy(10)
-    whole = [x["label"] for x in ds.batches(4, seed=5, drop_remainder=False)]
-    parts = [[x for x in ds.batches(2, seed=5, drop_remainder=False, process_index=p,
-                                    process_count=2)] for p in range(2)]
-    assert len(parts[0]) == len(parts[1]) == len(whole) == 3
-    for g, (p0, p1) in enumerate(zip(*parts)):
-        np.testing.assert_array_equal(np.concatenate([p0["label"], p1["label"]]), whole[g])
-    # Padding: 10 examples, global batch 4 -> 2 valid rows in the last one, all on process 0.
-    assert [p["valid"].sum() for p in parts[0]] == [2, 2, 2]
-    assert [p["valid"].sum() for p in parts[1]] == [2, 2, 0]
-    valid = np.concatenate([p["label"][p["valid"]] for part in parts for p in part])
-    assert sorted(valid) == list(range(10))
-    # drop_remainder: 2 global batches of 4, the same count on every process.
-    assert [len(list(ds.batches(2, process_index=p, process_count=2))) for p in (0, 1)] == [2, 2]
-    idx = [i for i, _ in batch_indices(10, 3, seed=0, process_index=1, process_count=3)]
-    assert len(idx) == 1 and len(idx[0]) == 3
-
-
-def test_batches_errors_and_registry():
-    ds = _toy(10)
-    with pytest.raises(ValueError, match="exceeds"):
-        next(ds.batches(6, process_count=2))
-    with pytest.raises(ValueError, match="process_index"):
-        next(ds.batches(2, process_index=2, process_count=2))
     with pytest.raises(ValueError, match="keys"):
-        next(ds.batches(2, keys=("image", "nope")))
-    assert set(next(ds.batches(2, keys=("label",)))) == {"label"}
+        ds.get([0, 1], keys=("image", "nope"))
+    assert set(ds.get([0, 1], keys=("label",))) == {"label"}
     sq = get_dataset("square", split="test", num_test_per_group=2, resolution=16)
     assert len(sq) == 8 and sq.class_names == square.CLASS_NAMES
     with pytest.raises(ValueError, match="dataset name.*square"):

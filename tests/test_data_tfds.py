@@ -44,9 +44,8 @@ def test_folder_dataset(image_root):
     k1 = folder_dataset(image_root, shots=2, seed=0, resolution=8)
     k2 = folder_dataset(image_root, shots=2, seed=0, resolution=8)
     assert len(k1) == 8 and k1.files == k2.files
-    batches = list(get_dataset("folder", root=str(image_root), resolution=8)
-                   .batches(4, process_index=1, process_count=2))
-    assert len(batches) == 1 and batches[0]["image"].shape == (4, 8, 8, 3)
+    batch = get_dataset("folder", root=str(image_root), resolution=8).get(np.arange(4))
+    assert batch["image"].shape == (4, 8, 8, 3)
     with pytest.raises(ValueError, match="classes.*apple"):
         folder_dataset(image_root, classes=["apple", "horse"])
     with pytest.raises(ValueError, match="not a directory"):
@@ -89,26 +88,17 @@ def test_class_names_without_data():
         T.tfds_class_names("not_a_dataset")
 
 
-def test_caltech_base_novel_and_batches(tfds_dir):
+def test_caltech_base_novel(tfds_dir):
     from jaxcf.data.tfds_data import tfds_class_names
     kw = dict(data_dir=tfds_dir, resolution=16)
     base = get_dataset("tfds:caltech101", split="train", classes="base", **kw)
     assert base.class_names == tfds_class_names("caltech101")[:50] and len(base) == 100
     assert np.bincount(base.labels).tolist() == [2] * 50
-    whole = next(base.batches(8, shuffle=False))
+    whole = base.subset(np.arange(8)).get(np.arange(8))
     assert whole["image"].shape == (8, 16, 16, 3) and whole["image"].dtype == np.float32
     assert -1 <= whole["image"].min() < whole["image"].max() <= 1
     assert whole["label"].dtype == np.int32 and whole["label"].max() < 50
-    parts = [next(base.batches(4, shuffle=False, process_index=p, process_count=2))
-             for p in (0, 1)]
-    for k in ("image", "label"):
-        np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), whole[k])
-    a = [b["label"] for b in base.batches(32, seed=3, drop_remainder=False)]
-    assert [len(x) for x in a] == [32] * 4
-    assert a[0].tolist() == next(base.batches(32, seed=3))["label"].tolist()
-    valid = list(base.batches(32, seed=3, drop_remainder=False, process_index=1,
-                              process_count=2))
-    assert [int(b["valid"].sum()) for b in valid] == [32, 4]  # rows 96..99 of the last
+    np.testing.assert_array_equal(whole["label"], base.labels[:8])
     novel = get_dataset("tfds:caltech101", split="test", classes="novel", **kw)
     assert novel.class_names[0] == tfds_class_names("caltech101")[50] and len(novel) == 50
 
@@ -121,14 +111,14 @@ def test_kshot(tfds_dir):
     assert len(k1) == 100 and sorted(k1.labels.tolist()) == list(range(100))
     np.testing.assert_array_equal(k1.arrays["image"], k1b.arrays["image"])
     assert not np.array_equal(k1.arrays["image"], k2.arrays["image"])
-    assert next(k1.batches(10))["image"].shape == (10, 16, 16, 3)
+    assert k1.get(np.arange(10))["image"].shape == (10, 16, 16, 3)
 
 
 def test_celeb_a_attributes(tfds_dir):
     ds = get_dataset("tfds:celeb_a", split="train", data_dir=tfds_dir, resolution=16,
                      label_attribute="Blond_Hair", confounder_attribute="Male")
     assert ds.class_names == ("not blond hair", "blond hair") and len(ds) == 16
-    b = next(ds.batches(16, shuffle=False))
+    b = ds.subset(np.arange(16)).get(np.arange(16))
     attrs = b["attributes"]
     assert attrs.shape == (16, 40) and b["image"].shape == (16, 16, 16, 3)
     np.testing.assert_array_equal(b["label"], attrs[:, ds.attribute_names.index("Blond_Hair")])

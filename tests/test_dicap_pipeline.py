@@ -69,7 +69,8 @@ def test_the_config_that_made_the_shipped_weights_still_trains(tmp_path):
     import numpy as np
     from flax import serialization
 
-    from jaxcf.pipelines.foundation import ASSETS, toy_foundation
+    from jaxcf.foundation import ASSETS
+    from jaxcf.foundation.toy import toy_foundation
     from jaxcf.train import make_mesh
 
     config = load_config(DICAP, "toy")

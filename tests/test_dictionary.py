@@ -16,6 +16,12 @@ from jaxcf.didae.dictionary import (
 )
 
 
+def _inversion(z, w, atoms, **kw):
+    """Algorithm 2 applied to z: (z' [K, B, D], valid [K])."""
+    edit, valid = boundary_inversion(w, atoms, **kw)
+    return edit(z), valid
+
+
 def _planted(N=400, D=12, K=3, noise=0.05, seed=0):
     rng = np.random.default_rng(seed)
     Q, _ = np.linalg.qr(rng.normal(size=(D, D)))
@@ -69,7 +75,7 @@ def test_reflection_flips_one_coefficient_and_keeps_the_others():
         np.testing.assert_allclose(c2[:, k], -c[:, k], atol=1e-4)
         others = [j for j in range(3) if j != k]
         np.testing.assert_allclose(c2[:, others], c[:, others], atol=1e-4)
-        np.testing.assert_allclose(reflect_all(z, omega, mu)[k], reflect(z, omega, mu, k), atol=1e-5)
+        np.testing.assert_allclose(reflect_all(omega, mu)(z)[k], reflect(z, omega, mu, k), atol=1e-5)
     # the part of z outside the dictionary's span is untouched
     z2 = reflect(z, omega, mu, 1)
     np.testing.assert_allclose(project_out(z2 - mu, omega), project_out(z - mu, omega), atol=1e-4)
@@ -81,10 +87,10 @@ def test_boundary_inversion_mirrors_and_lands_on_the_boundary():
     atoms, _ = np.linalg.qr(rng.normal(size=(D, K)))
     w = rng.normal(size=D)
     z = rng.normal(size=(B, D))
-    zk, valid = boundary_inversion(jnp.asarray(z), jnp.asarray(w), jnp.asarray(atoms), lam=2.0)
+    zk, valid = _inversion(jnp.asarray(z), jnp.asarray(w), jnp.asarray(atoms), lam=2.0)
     assert zk.shape == (K, B, D) and bool(valid.all())
     np.testing.assert_allclose(np.asarray(zk) @ w, -np.tile(z @ w, (K, 1)), rtol=1e-4, atol=1e-4)
-    on, _ = boundary_inversion(jnp.asarray(z), jnp.asarray(w), jnp.asarray(atoms), lam=1.0)
+    on, _ = _inversion(jnp.asarray(z), jnp.asarray(w), jnp.asarray(atoms), lam=1.0)
     np.testing.assert_allclose(np.asarray(on) @ w, 0.0, atol=1e-4)
     # z moves only along u_k: float64 closed form
     for k in range(K):
@@ -98,14 +104,14 @@ def test_boundary_inversion_guards_orthogonal_atoms():
     w = np.zeros(D)
     w[1] = 1.0  # only atom 1 can move the logit
     z = np.ones((2, D))
-    zk, valid = boundary_inversion(jnp.asarray(z), jnp.asarray(w), jnp.asarray(atoms))
+    zk, valid = _inversion(jnp.asarray(z), jnp.asarray(w), jnp.asarray(atoms))
     assert list(np.asarray(valid)) == [False, True, False]
     np.testing.assert_allclose(zk[0], z)
     assert np.all(np.isfinite(zk))
     w[1] = 0.0
     w[4] = 1.0
     with pytest.raises(ValueError, match="too weakly aligned with every atom"):
-        boundary_inversion(jnp.asarray(z), jnp.asarray(w), jnp.asarray(atoms))
+        _inversion(jnp.asarray(z), jnp.asarray(w), jnp.asarray(atoms))
 
 
 def test_boundary_inversion_bound_skips_weakly_aligned_atoms():
@@ -113,9 +119,9 @@ def test_boundary_inversion_bound_skips_weakly_aligned_atoms():
     atoms = np.eye(4)[:, :3]
     w = np.array([1.0, 0.05, 0.5, 0.0])
     z = np.array([[1.0, 2.0, -1.0, 0.5]])
-    _, valid = boundary_inversion(jnp.asarray(z), jnp.asarray(w), jnp.asarray(atoms))
+    _, valid = _inversion(jnp.asarray(z), jnp.asarray(w), jnp.asarray(atoms))
     assert list(np.asarray(valid)) == [True, True, True]
-    zk, valid = boundary_inversion(jnp.asarray(z), jnp.asarray(w), jnp.asarray(atoms), min_alignment=0.1)
+    zk, valid = _inversion(jnp.asarray(z), jnp.asarray(w), jnp.asarray(atoms), min_alignment=0.1)
     assert list(np.asarray(valid)) == [True, False, True]  # 0.05 / |w| = 0.045 < 0.1
     np.testing.assert_allclose(np.asarray(zk[1]), z)
     np.testing.assert_allclose(np.asarray(zk[2] @ w), -(z @ w), rtol=1e-5)  # lam = 2 mirrors the logit

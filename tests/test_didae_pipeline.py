@@ -4,6 +4,7 @@ foundation, and CelebA through a tiny CLIP folder and a fake tfds celeb_a."""
 import json
 import os
 import re
+import types
 
 import numpy as np
 import pytest
@@ -40,14 +41,14 @@ def test_bad_config_fails_before_any_work(tmp_path, override, message):
 
 
 @pytest.fixture(scope="module")
-def test_run(tmp_path_factory):
+def finished_test_variant(tmp_path_factory):
     work = tmp_path_factory.mktemp("didae") / "w"
     return run(load_config(DIDAE, "test"), str(work)), work
 
 
 @pytest.mark.slow
-def test_test_variant_runs_every_stage(test_run):
-    res, work = test_run
+def test_test_variant_runs_every_stage(finished_test_variant):
+    res, work = finished_test_variant
     assert res["pipeline"] == "didae" and res["student"] == "resnet18"
     for kind in ("procrustes", "svd"):
         d = res["dictionaries"][kind]
@@ -80,11 +81,12 @@ def test_test_variant_runs_every_stage(test_run):
 
 def test_shipped_square_tiny_foundation_matches_its_config():
     """The embedded default loads the shipped weights (made by this config) instead of training."""
-    from jaxcf.pipelines import didae
+    from jaxcf.didae import foundation as didae
+    from jaxcf.foundation import assets_dir
 
     c = load_config(DIDAE, "square_tiny")
     assert c.foundation.assets == "square_tiny"
-    folder = didae._assets_dir(c)
+    folder = assets_dir(c.foundation.assets)
     for name, made_by in (("encoder", "encoder"), ("decoder", "decoder"), ("decoder_code", "decoder")):
         assert os.path.isfile(os.path.join(folder, name + ".msgpack")), name
         meta = json.loads(open(os.path.join(folder, name + ".json")).read())
@@ -136,7 +138,8 @@ def test_celeba_with_a_clip_folder_and_fake_tfds(tmp_path):
 @pytest.mark.slow
 def test_square_tiny_foundation_config_trains(tmp_path):
     """The config that made the shipped weights still trains (a few steps of each, exported like them)."""
-    from jaxcf.pipelines import didae
+    from jaxcf.data.confounded import square_data
+    from jaxcf.didae import foundation as didae
     from jaxcf.train import make_mesh, read_metrics
 
     c = load_config(DIDAE, "square_tiny")
@@ -146,7 +149,7 @@ def test_square_tiny_foundation_config_trains(tmp_path):
     c.encoder.update(steps=2, batch_size=16)
     c.decoder.train.update(steps=2, batch_size=16, warmup_steps=1)
     c.update(log_every=1, checkpoint_every=2)
-    data = didae.square_data(c)
+    data = square_data(c.data, c.dictionary.fit_examples)
     ae, enc_params, dec_params = didae.build_autoencoder(c, data, str(tmp_path), make_mesh([("data", -1)]))
     for name in ("encoder", "decoder"):
         meta = json.loads((tmp_path / "foundation" / f"{name}.json").read_text())
@@ -169,16 +172,17 @@ def test_shipped_decoder_reconstructs_and_its_colorb_atom_repaints_the_backgroun
     background grey more than the inner square's red (the atom edits the confounder, not the cause)."""
     from jaxcf.didae import controls
     from jaxcf.didae.dictionary import procrustes_dictionary, reflect
-    from jaxcf.pipelines import didae
+    from jaxcf.data.confounded import images_of, square_data
+    from jaxcf.didae.foundation import build_autoencoder
     from jaxcf.train import make_mesh
 
     c = load_config(DIDAE, "square_tiny")
     c.eval.update(num_inputs=8, batch_size=8)
     mesh = make_mesh([("data", -1)])
-    data = didae.square_data(c)
-    ae, enc_params, dec_params = didae.build_autoencoder(c, data, str(tmp_path), mesh)
+    data = square_data(c.data, c.dictionary.fit_examples)
+    ae, enc_params, dec_params = build_autoencoder(c, data, str(tmp_path), mesh)
     assert not (tmp_path / "foundation" / "decoder_run").exists()  # loaded, not trained
-    x = didae.images_of(data.test)[:8]
+    x = images_of(data.test)[:8]
     z = np.asarray(ae.encode(enc_params, x))
     x_T = ae.invert(dec_params, x, z)
     before = controls.read(x)
@@ -186,9 +190,83 @@ def test_shipped_decoder_reconstructs_and_its_colorb_atom_repaints_the_backgroun
     err = np.abs(recon - before).mean(0)
     assert err[0] < RECON_COLOR_BOUND and err[1] < RECON_COLOR_BOUND and err[2:].max() <= 2.0, err
 
-    z_fit = np.asarray(ae.encode(enc_params, didae.images_of(data.fit)))
+    z_fit = np.asarray(ae.encode(enc_params, images_of(data.fit)))
     omega, mu = procrustes_dictionary(z_fit, data.fit.arrays["halves"].astype(np.float32) - 0.5)
     z_b = reflect(z, omega, mu, 1)  # atom 1 was fitted to ColorB
     moved = controls.read(np.asarray(ae.decode(dec_params, x_T, z_b)))
     change = np.abs(moved - before).mean(0)
     assert change[1] > 3 * change[0] and change[1] > 40, change
+
+
+def _codes_world(n=1000, seed=0, agree=0.5):
+    """Codes z = [cause, confounder, noise, noise]: the label is the sign of the cause; the
+    confounder agrees with the label in a fraction ``agree`` of the examples."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    agree = rng.random(n) < agree
+    conf = np.where(agree, y, 1 - y)
+    z = np.stack([(2 * y - 1) * rng.uniform(0.5, 1.5, n), (2 * conf - 1) * rng.uniform(0.5, 1.5, n),
+                  rng.normal(0, 0.3, n), rng.normal(0, 0.3, n)], 1).astype(np.float32)
+    return z, y.astype(np.int32), (2 * y + conf).astype(np.int32)
+
+
+def test_explain_stage_flips_a_shortcut_student_with_the_confounder_atom(tmp_path):
+    """The pipeline's explain stage on an identity "autoencoder" (images are codes): Algorithm 2
+    must flip a student that reads only the confounder, through the confounder atom, skip the
+    atom orthogonal to the student, and the reflections must each change their own factor."""
+    import ml_collections
+
+    from jaxcf.didae.dictionary import procrustes_dictionary
+    from jaxcf.pipelines import didae
+
+    z, y, _ = _codes_world()
+    halves = np.stack([z[:, 0] > 0, z[:, 1] > 0], 1).astype(np.float32) - 0.5
+    omega, mu = (np.asarray(a) for a in procrustes_dictionary(z, halves))  # atom 0: cause, atom 1: confounder
+
+    def student_probs(params, x, frozen):  # the poisoned student: the confounder's sign
+        p1 = 1 / (1 + np.exp(-8 * np.asarray(x)[:, 1]))
+        return np.stack([1 - p1, p1], 1)
+
+    def oracle(params, x):  # label logits, then the two factors in [0, 1]
+        x = np.asarray(x)
+        return np.concatenate([np.stack([-x[:, 0], x[:, 0]], 1), 0.5 + 0.25 * x[:, :2]], 1)
+
+    config = ml_collections.ConfigDict(dict(
+        data=dict(name="codes"), cfkd=dict(true_factor="cause"), eval=dict(grid_examples=2),
+        edit=dict(lam=2.0, guard=1e-6, min_alignment=0.1)))
+    data = types.SimpleNamespace(factor_names=("cause", "confounder"))
+    stage = didae.Stage(config, str(tmp_path), None, data, None, None, None, None,
+                        generate=lambda x, edit: np.asarray(edit(x)), writer=False)
+    clf = didae.Classifiers(None, None, None, None, None, student_probs, oracle, None)
+    pred = np.argmax(student_probs(None, z, None), -1)
+    idx = np.flatnonzero(pred == y)[:32]
+    inputs = didae.Inputs(x=z[idx], y=y[idx], target=1 - pred[idx], factors=None, z=z[idx])
+    out, x_cf, flipped, valid, atom_true = didae.explain(stage, clf, "procrustes", omega, mu, z[:16], inputs, z,
+                                                         pred, z)
+    assert list(valid) == [False, True]  # the cause atom cannot move a confounder-only student
+    assert out["atoms_skipped"] == 1 and out["flip_rate"] == 1.0 and flipped[1].all() and not flipped[0].any()
+    np.testing.assert_allclose(x_cf[0], inputs.x, atol=1e-5)  # the skipped atom leaves its inputs alone
+    m = np.asarray(out["disentanglement_matrix"])  # reflections: each atom moves its own factor most
+    assert m[0, 0] > 5 * m[0, 1] and m[1, 1] > 5 * m[1, 0]
+    assert list(atom_true) == [True, False] and out["probe_agreement"] > 0.95
+
+
+def test_projection_baseline_removes_the_shortcut():
+    """Projecting out the confounder atom turns a shortcut probe into one that reads the cause: on a
+    test set where the confounder is independent of the label, the worst group rises from the
+    shortcut's failures to the cause's own accuracy."""
+    from jaxcf.didae import cfkd
+
+    def world(n, agree, seed):
+        rng = np.random.default_rng(seed)
+        y = rng.integers(0, 2, n)
+        conf = np.where(rng.random(n) < agree, y, 1 - y)
+        z = np.stack([0.5 * (2 * y - 1) + rng.normal(0, 0.5, n), 2 * conf - 1 + rng.normal(0, 0.1, n),
+                      rng.normal(0, 0.5, n)], 1).astype(np.float32)  # a noisy cause, a clean confounder
+        return z, y.astype(np.int32), (2 * y + conf).astype(np.int32)
+
+    z, y, _ = world(2000, 0.98, 0)
+    z_test, y_test, g_test = world(2000, 0.5, 1)
+    omega, mu = np.eye(3, dtype=np.float32)[:, :2], np.zeros(3, np.float32)
+    out = cfkd.projection_baseline(z, y, z_test, y_test, g_test, omega, mu, np.array([True, False]))
+    assert out["probe"]["worst_group"] < 0.4 and out["projection"]["worst_group"] > 0.7, out

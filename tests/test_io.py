@@ -137,7 +137,7 @@ def test_config_json_is_written_for_any_workdir(workdir, request):
 
 
 def test_foundation_export_import(workdir):
-    from jaxcf.pipelines.foundation import _export, _import
+    from jaxcf.foundation.weights import export_params as _export, import_params as _import
 
     params = {"dense": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3), "bias": np.zeros(3, np.float32)}}
     template = {"dense": {"kernel": np.zeros((2, 3), np.float32), "bias": np.zeros(3, np.float32)}}
@@ -150,7 +150,8 @@ def test_foundation_export_import(workdir):
 
 
 def test_dicap_report_and_cached_counterfactuals(workdir, request):
-    from jaxcf.pipelines.dicap import cached_counterfactuals, counterfactual_key, write_report
+    from jaxcf.dicap.report import write_report
+    from jaxcf.pipelines.dicap import cached_counterfactuals, counterfactual_key
     from tests.test_main import ROOT, load_config
 
     config = load_config(os.path.join(ROOT, "configs", "dicap.py"), "test")

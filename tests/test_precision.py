@@ -52,7 +52,7 @@ def scans(jaxpr):
 def toy():
     """(config, float32 foundation, bfloat16 foundation, world images [12, 32, 32, 3], labels)."""
     from jaxcf.data.shapes import shapes_dataset
-    from jaxcf.pipelines import foundation
+    from jaxcf.foundation import toy as foundation
     from tests.test_main import ROOT, load_config
 
     def no_training(*args, **kwargs):
@@ -77,7 +77,7 @@ def test_compute_dtype_and_frozen_params():
     assert frozen_params(params, F32) is params  # float32: the very same tree, nothing cast
     cast = frozen_params(params, BF16)
     assert cast["w"].dtype == BF16 and cast["step"].dtype == np.int32
-    with pytest.raises(ValueError, match="config.dtype='float16' is not allowed; allowed: float32, bfloat16"):
+    with pytest.raises(ValueError, match="config.dtype='float16' is not allowed; allowed: 'float32', 'bfloat16'"):
         compute_dtype("float16")
 
 
@@ -147,13 +147,13 @@ def test_clip_features_and_dicap_loss_bf16_close_to_float32(toy):
     import dataclasses
 
     from jaxcf.dicap.losses import class_cosines, dicap_loss
-    from jaxcf.pipelines.foundation import template_text_features
+    from jaxcf.foundation import template_text_features
 
     config, found32, found16, x, y = toy
     names = list(config.data.base_classes)
     max_len = found32.clip.config.text.max_position_embeddings
     x_cf = np.clip(x[::-1] * 0.9, -1, 1)  # any second image set stands in for counterfactuals
-    assert jax.eval_shape(found16.image_features_fn(), found16.clip_params, x).dtype == F32  # handed out float32
+    assert jax.eval_shape(found16.image_features, found16.clip_params, x).dtype == F32  # handed out float32
 
     def features_and_loss(found):
         def f(clip_params):
@@ -178,7 +178,7 @@ def test_prompt_training_on_frozen_bf16_clip_keeps_float32_state(toy):
     """A DiCap prompt-learning step with the bf16 CLIP passed as the frozen argument: prompt params,
     SGD momentum, gradients and loss stay float32."""
     from jaxcf.dicap.losses import dicap_loss
-    from jaxcf.pipelines.dicap import PromptSetup
+    from jaxcf.dicap.estimation import PromptSetup
 
     config, _, found, _, y = toy
     mesh = make_mesh([("data", -1)])
@@ -209,7 +209,7 @@ def test_eps_model_trained_with_bf16_activations_keeps_float32_state():
     jits answers this without compiling a UNet backward pass (minutes of CPU)."""
     from jaxcf.diffusion import make_schedule
     from jaxcf.models.registry import build_model
-    from jaxcf.pipelines.diffusion import eps_mse_loss
+    from jaxcf.diffusion.losses import eps_mse_loss
     from jaxcf.train.state import TrainState
 
     unet = dict(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,

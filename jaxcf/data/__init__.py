@@ -1,13 +1,13 @@
 """Datasets: Square, the shapes world, tfds datasets and image folders.
 
-Numpy on the host. Every dataset yields dict batches {"image": float32 [B, H, W, 3] in [-1, 1],
-"label": int32 [B], ...} from `.batches(batch_size, seed=, shuffle=, drop_remainder=,
-process_index=, process_count=)`; pipelines pick one by config name with `get_dataset`:
-"square", "shapes", "folder" or "tfds:<name>" (tensorflow is imported only for the last).
+Numpy on the host. Every dataset gives dict batches {"image": float32 [B, H, W, 3] in [-1, 1],
+"label": int32 [B], ...} from `.get(indices, keys)`; pipelines pick one by config name with
+`get_dataset`: "square", "shapes", "folder" or "tfds:<name>" (tensorflow is imported only for the
+last). DiDAE's confounded tasks (Square, CelebA) are built by :mod:`jaxcf.data.confounded`.
 """
 
 from jaxcf.data.common import (ArrayDataset, IndexedDataset, base_novel_split, get_dataset,
-                               kshot_indices, register_dataset, select_classes, to_model_range,
+                               kshot_indices, select_classes, to_model_range,
                                to_uint8)
 from jaxcf.data.folder import folder_dataset
 from jaxcf.data.shapes import render_shapes, shapes_dataset
@@ -16,7 +16,7 @@ from jaxcf.data.tfds_data import tfds_class_names, tfds_dataset  # imports TF on
 
 __all__ = [
     "ArrayDataset", "IndexedDataset", "base_novel_split", "folder_dataset", "get_dataset",
-    "kshot_indices", "register_dataset", "render_shapes", "render_square", "select_classes",
+    "kshot_indices", "render_shapes", "render_square", "select_classes",
     "shapes_dataset", "square_dataset", "tfds_class_names", "tfds_dataset", "to_model_range",
     "to_uint8",
 ]

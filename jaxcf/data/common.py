@@ -1,28 +1,24 @@
-"""Host-side batching, class selection and the dataset registry.
+"""Datasets with random access, class selection, padded chunks and the dataset names.
 
-Every dataset yields dict batches of numpy arrays:
+Every dataset gives dict batches of numpy arrays from ``get(indices, keys)``:
     image: float32 [B, H, W, 3] in [-1, 1]; label: int32 [B]; plus dataset-specific keys.
-Multi-host contract: the global batch is `batch_size * process_count` consecutive examples of
-the (seeded) global order; process i gets rows [i * batch_size, (i + 1) * batch_size) of it.
-Every process therefore sees the same number of batches, and the union of the per-process
-batches is the global batch.
+Training batches are ``get(stream_indices(...))`` (:func:`jaxcf.train.loop.stream_indices`: a
+pure function of the step, so a resumed run rebuilds any batch, each process reading its
+share); evaluation goes through :func:`jaxcf.train.batched.batched` over :func:`padded_batches`.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from jaxcf.configs import check_value
+
 Batch = dict[str, np.ndarray]
-
-
-def check_choice(field: str, value: Any, allowed: Sequence[Any]) -> None:
-    """Raises ValueError naming `field` and the allowed values if `value` is not allowed."""
-    if value not in allowed:
-        raise ValueError(f"Unknown {field} {value!r}; allowed: {_short_list(allowed)}.")
+check_choice = check_value  # the name jaxcf.data.shapes imports
 
 
 def _short_list(values: Sequence[Any], limit: int = 40) -> str:
@@ -83,7 +79,7 @@ def select_classes(class_names: Sequence[str], classes: str | Sequence[str] = "a
     """
     n = len(class_names)
     if isinstance(classes, str):
-        check_choice("classes", classes, ("all", "base", "novel"))
+        check_value("classes", classes, ("all", "base", "novel"))
         if classes == "all":
             return np.arange(n)
         base, novel = base_novel_split(n)
@@ -118,55 +114,6 @@ def kshot_indices(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros((0,), np.int64)
 
 
-# ----------------------------------------------------------------------------- batching
-
-
-def check_process(process_index: int, process_count: int) -> None:
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index must be in [0, process_count={process_count}), "
-                         f"got {process_index}.")
-
-
-def num_global_batches(num_examples: int, batch_size: int, process_count: int,
-                       drop_remainder: bool) -> int:
-    """Batches per epoch; raises if drop_remainder leaves none."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}.")
-    global_batch = batch_size * process_count
-    if drop_remainder:
-        if num_examples < global_batch:
-            raise ValueError(f"Global batch {global_batch} (batch_size * process_count) exceeds "
-                             f"the {num_examples} examples with drop_remainder=True.")
-        return num_examples // global_batch
-    return -(-num_examples // global_batch)
-
-
-def batch_indices(num_examples: int, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                  drop_remainder: bool = True, process_index: int = 0, process_count: int = 1,
-                  num_epochs: int | None = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yields (indices int64 [B], valid bool [B]) of this process's rows of each global batch.
-
-    Epoch e uses the permutation drawn from (seed, e). With drop_remainder=False the last global
-    batch is padded (index 0, valid=False) so every batch and every process has B rows.
-    """
-    check_process(process_index, process_count)
-    nb = num_global_batches(num_examples, batch_size, process_count, drop_remainder)
-    global_batch = batch_size * process_count
-    epoch = 0
-    while num_epochs is None or epoch < num_epochs:
-        order = (np.random.default_rng([seed, epoch]).permutation(num_examples) if shuffle
-                 else np.arange(num_examples))
-        for b in range(nb):
-            start = b * global_batch + process_index * batch_size
-            idx = order[start:start + batch_size]
-            valid = np.ones((batch_size,), bool)
-            if len(idx) < batch_size:
-                valid[len(idx):] = False
-                idx = np.concatenate([idx, np.zeros((batch_size - len(idx),), idx.dtype)])
-            yield idx, valid
-        epoch += 1
-
-
 class IndexedDataset:
     """A finite dataset with random access; subclasses define `__len__`, `labels` and `load`."""
 
@@ -187,21 +134,6 @@ class IndexedDataset:
     def get(self, indices: np.ndarray | Sequence[int], keys: Sequence[str] | None = None) -> Batch:
         """Examples at `indices` in the batch format (float32 image in [-1, 1])."""
         return finalize_batch(self.load(np.asarray(indices, dtype=np.int64)), keys)
-
-    def batches(self, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                drop_remainder: bool = True, process_index: int = 0, process_count: int = 1,
-                num_epochs: int | None = 1, keys: Sequence[str] | None = None) -> Iterator[Batch]:
-        """Per-process batches (see the module docstring). num_epochs=None repeats forever.
-
-        With drop_remainder=False every batch also carries "valid": bool [B] (False on padding).
-        """
-        for idx, valid in batch_indices(len(self), batch_size, seed=seed, shuffle=shuffle,
-                                        drop_remainder=drop_remainder, process_index=process_index,
-                                        process_count=process_count, num_epochs=num_epochs):
-            batch = self.get(idx, keys)
-            if not drop_remainder:
-                batch["valid"] = valid
-            yield batch
 
     def kshot(self, shots: int, seed: int = 0) -> "IndexedDataset":
         """`shots` examples per class, drawn with `seed`."""
@@ -276,11 +208,6 @@ _REGISTRY: dict[str, str | Callable[..., Any]] = {
     "folder": "jaxcf.data.folder:folder_dataset",
     "tfds": "jaxcf.data.tfds_data:tfds_dataset",
 }
-
-
-def register_dataset(name: str, builder: str | Callable[..., Any]) -> None:
-    """Registers `builder` (a callable or "module:function") under `name`."""
-    _REGISTRY[name] = builder
 
 
 def _resolve(target: str | Callable[..., Any]) -> Callable[..., Any]:

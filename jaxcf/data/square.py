@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxcf.data.common import ArrayDataset, check_choice
+from jaxcf.configs import check_value
+from jaxcf.data.common import ArrayDataset
 
 FACTOR_NAMES = ("ColorA", "ColorB", "PositionX", "PositionY")
 # What a Square encoder predicts: the high / low half of each factor (one-hot pair per factor).
@@ -143,7 +144,7 @@ def square_dataset(split: str = "train", *, num_samples: int = 1000, agree_fract
     Arrays: image uint8 [N, R, R, 3]; label, confounder, group int32 [N]; factors int32 [N, 4]
     (FACTOR_NAMES); attributes int32 [N, 8] (ATTRIBUTE_NAMES); mask bool [N, R, R] (inner square).
     """
-    check_choice("split", split, SPLITS)
+    check_value("split", split, SPLITS)
     rng = np.random.default_rng([seed, _SPLIT_STREAM[split]])
     if split in ("train", "val"):
         sizes = poisoned_group_sizes(num_samples, agree_fraction)

@@ -26,12 +26,12 @@ import glob
 import os
 import re
 import zlib
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from jaxcf.data.common import (ArrayDataset, Batch, check_process, finalize_batch,
-                               kshot_indices, num_global_batches, relabel_table, select_classes)
+from jaxcf.data.common import (ArrayDataset, kshot_indices, relabel_table,
+                               select_classes)
 
 _EUROSAT_NAMES = {
     "AnnualCrop": "Annual Crop Land", "Forest": "Forest",
@@ -164,10 +164,6 @@ def _options(tf, num_threads: int):
     opts.threading.private_threadpool_size = num_threads
     opts.threading.max_intra_op_parallelism = 1
     return opts
-
-
-def _tf_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def _resize_center_crop(tf, image, resolution: int):
@@ -412,50 +408,6 @@ class TfdsDataset:
         if (self._table >= 0).all():  # nothing filtered: tfds knows the count
             return int(self._builder.info.splits[self.split].num_examples)
         return len(self.labels)
-
-    # -- iteration
-
-    def batches(self, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                drop_remainder: bool = True, process_index: int = 0, process_count: int = 1,
-                num_epochs: int | None = 1, keys: Sequence[str] | None = None,
-                shuffle_buffer: int = 10_000) -> Iterator[Batch]:
-        """Per-process batches; see common.py. drop_remainder=False pads the last global batch
-        and adds "valid": bool [B]."""
-        tf, _ = _tf()
-        check_process(process_index, process_count)
-        n = len(self)
-        nb = num_global_batches(n, batch_size, process_count, drop_remainder)
-        gb = batch_size * process_count
-        epoch = 0
-        while num_epochs is None or epoch < num_epochs:
-            ds = self._read(shuffle_files=shuffle, seed=_tf_seed(seed, epoch, 0))
-            if shuffle:
-                ds = ds.shuffle(shuffle_buffer, seed=_tf_seed(seed, epoch, 1),
-                                reshuffle_each_iteration=False)
-            ds = ds.enumerate().filter(
-                lambda i, ex: (i < nb * gb) & ((i % gb) // batch_size == process_index))
-            ds = ds.map(lambda i, ex: self._decode(ex), num_parallel_calls=self.num_threads)
-            ds = ds.batch(batch_size).prefetch(1)
-            zeros = {k: np.zeros((batch_size, *s.shape[1:]), s.dtype.as_numpy_dtype)
-                     for k, s in ds.element_spec.items()}
-            count = 0
-            for batch in ds.as_numpy_iterator():
-                yield self._finish(batch, zeros, batch_size, keys, drop_remainder)
-                count += 1
-            for _ in range(count, nb):  # this process's rows of the last batch were all past n
-                yield self._finish({k: v[:0] for k, v in zeros.items()}, zeros, batch_size,
-                                   keys, drop_remainder)
-            epoch += 1
-
-    @staticmethod
-    def _finish(batch, zeros, batch_size, keys, drop_remainder) -> Batch:
-        m = len(batch["label"])
-        if m < batch_size:
-            batch = {k: np.concatenate([v, zeros[k][m:]]) for k, v in batch.items()}
-        out = finalize_batch(batch, keys)
-        if not drop_remainder:
-            out["valid"] = np.arange(batch_size) < m
-        return out
 
     def subset(self, indices: np.ndarray) -> ArrayDataset:
         """Examples at `indices` (of the unshuffled order), decoded into memory."""

@@ -29,7 +29,9 @@ def sample_target_classes(labels, class_text_feats, method: str = "similarity", 
         if key is None:
             raise ValueError("random y_cf sampling needs a PRNG key")
         return (labels + jax.random.randint(key, labels.shape, 1, C)) % C
-    raise ValueError(f"dicap.cf_target={method!r} is not allowed; allowed: {', '.join(CF_TARGETS)}")
+    from jaxcf.configs import check_value
+
+    check_value("dicap.cf_target", method, CF_TARGETS)
 
 
 def clip_zero_shot_log_prob(clip, clip_params, class_text_feats, to_clip: Callable, logit_scale: float = 100.0):

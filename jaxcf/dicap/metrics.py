@@ -14,8 +14,9 @@ def harmonic_mean(base: float, novel: float) -> float:
     return 0.0 if base + novel == 0 else 2.0 * base * novel / (base + novel)
 
 
-def flip_rate(cf_logits, y_cf) -> float:
-    """Fraction of counterfactuals that the predictor assigns to their target class."""
+def argmax_flip_rate(cf_logits, y_cf) -> float:
+    """Fraction of counterfactuals that the predictor assigns to their target class (argmax of its
+    logits; DiDAE's :func:`jaxcf.didae.cfkd.flip_rate` thresholds a probability instead)."""
     return accuracy(cf_logits, y_cf)
 
 

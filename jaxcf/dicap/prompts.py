@@ -51,8 +51,9 @@ def init_prompt_params(key, clip, clip_params, tokenizer, num_classes: int, n_ct
     Returns ``{"ctx": [M, D] or [C, M, D]}`` plus ``"meta"`` (Linear-ReLU-Linear, P -> P/16 -> D)
     for ``cocoop``.
     """
-    if mode not in PROMPT_MODES:
-        raise ValueError(f"prompt.mode={mode!r} is not allowed; allowed: {', '.join(PROMPT_MODES)}")
+    from jaxcf.configs import check_value
+
+    check_value("prompt.mode", mode, PROMPT_MODES)
     D = clip.config.text.hidden_size
     k_ctx, k1, k2 = jax.random.split(key, 3)
     if init_text:

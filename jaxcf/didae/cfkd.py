@@ -87,6 +87,8 @@ def flips(p_target, threshold: float = FLIP_THRESHOLD) -> np.ndarray:
 
 
 def flip_rate(p_target, threshold: float = FLIP_THRESHOLD) -> float:
+    """Fraction of counterfactuals with p(target | x') >= threshold (DiCap's
+    :func:`jaxcf.dicap.metrics.argmax_flip_rate` takes the argmax of logits instead)."""
     return float(np.mean(flips(p_target, threshold))) if np.size(p_target) else float("nan")
 
 
@@ -152,3 +154,24 @@ def mixed_batch_indices(num_original: int, num_counterfactual: int, batch_size: 
     n_cf = int(round(batch_size * mix)) if num_counterfactual else 0
     rng = np.random.default_rng((seed, step))
     return rng.integers(0, num_original, batch_size - n_cf), rng.integers(0, max(num_counterfactual, 1), n_cf)
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def projection_baseline(z_train, y_train, z_test, y_test, group_test, omega, mu, atom_is_true) -> dict:
+    """The projection baseline: a linear probe on Phi, with and without the non-causal atoms projected out.
+
+    z_*: codes [N, D]; omega [D, K], mu [D]; atom_is_true [K]. The projection removes the span of
+    the atoms labelled "false" (:func:`jaxcf.didae.dictionary.project_out`). Returns
+    {"probe": {aga, worst_group}, "projection": {aga, worst_group}}.
+    """
+    from jaxcf.didae.dictionary import project_out
+
+    Q = omega[:, ~np.asarray(atom_is_true)]
+    out = {}
+    for name, f in (("probe", lambda z: z - mu), ("projection", lambda z: project_out(z - mu, Q))):
+        w, b = fit_linear_probe(np.asarray(f(z_train)), y_train, bias=True)
+        pred = (np.asarray(f(z_test)) @ np.asarray(w) + float(b) > 0).astype(np.int32)
+        out[name] = dict(aga=aga(pred, y_test, group_test), worst_group=worst_group_accuracy(pred, y_test, group_test))
+    return out

@@ -7,6 +7,7 @@ Every function is pure jax.numpy and jittable; inputs are checked with clear err
 
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,12 +71,6 @@ def reflect(z, omega, mu, k: int):
     return z - 2.0 * c[:, None] * omega[:, k][None, :]
 
 
-def reflect_all(z, omega, mu):
-    """All K reflections at once: [B, D] -> [K, B, D]."""
-    c = coefficients(z, omega, mu)  # [B, K]
-    return z[None] - 2.0 * jnp.einsum("bk,dk->kbd", c, omega)
-
-
 def atom_alignment(w, atoms, eps: float = 1e-6, min_alignment: float = 0.0):
     """The guard of Algorithm 2: (w^T u_k [K], valid [K]) for the atoms (columns of atoms [D, K]).
 
@@ -93,38 +88,54 @@ def atom_alignment(w, atoms, eps: float = 1e-6, min_alignment: float = 0.0):
     return wu, valid
 
 
-def boundary_inversion(z, w, atoms, lam: float = 2.0, eps: float = 1e-6, min_alignment: float = 0.0):
-    """Algorithm 2: z'_k = z - lam (w^T z / w^T u_k) u_k for each atom u_k (columns of atoms [D, K]).
+@flax.struct.dataclass
+class AtomEdits:
+    """K linear edits of a code, the form every DiDAE edit shares (one compiled decoder program
+    serves them all; only these arrays change):
 
-    lam = 2 mirrors the probe's logit (w^T z' = -w^T z); lam = 1 lands on the boundary. Atoms that
-    fail the guard (:func:`atom_alignment`) are left unedited. Returns (z' [K, B, D], valid [K]).
+        z'_k = z - alpha_k ((z - mu) . v_k) u_k,   k = 1..K
+
+    U, V: [D, K]; alpha: [K]; mu: [D]. Calling it maps z [B, D] -> z' [K, B, D].
     """
-    (U, V, alpha), valid = boundary_edit(w, atoms, lam, eps, min_alignment)
-    return apply_atom_edits(z, jnp.zeros_like(z[0]), U, V, alpha), valid
+
+    U: jax.Array
+    V: jax.Array
+    alpha: jax.Array
+    mu: jax.Array
+
+    def __call__(self, z):
+        return apply_atom_edits(z, self.mu, self.U, self.V, self.alpha)
+
+    def astype(self, dtype) -> "AtomEdits":
+        return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), self)
 
 
-def reflection_edit(omega):
-    """Reflections of all K atoms in the linear form of :func:`apply_atom_edits`: (U, V, alpha)."""
-    return omega, omega, jnp.full((omega.shape[1],), 2.0, omega.dtype)
+def reflect_all(omega, mu) -> AtomEdits:
+    """The reflections of all K atoms: z'_k = z - 2 c_k omega_k with c = Omega^T (z - mu), flipping
+    the sign of coefficient k and leaving every other one unchanged (:func:`reflect` for one atom)."""
+    omega = jnp.asarray(omega)
+    return AtomEdits(omega, omega, jnp.full((omega.shape[1],), 2.0, omega.dtype), jnp.asarray(mu))
 
 
-def boundary_edit(w, atoms, lam: float = 2.0, eps: float = 1e-6, min_alignment: float = 0.0):
-    """Algorithm 2 in the linear form of :func:`apply_atom_edits`: returns ((U, V, alpha), valid [K]).
+def boundary_inversion(w, atoms, mu=None, lam: float = 2.0, eps: float = 1e-6, min_alignment: float = 0.0):
+    """Algorithm 2: z'_k = z - lam (w^T (z - mu) / w^T u_k) u_k for each atom u_k (columns of atoms [D, K]).
 
-    The guard of :func:`atom_alignment`; invalid atoms get alpha = 0 (no edit).
+    w [D] is the distilled probe on codes centred by mu (default 0). lam = 2 mirrors the probe's
+    logit (w^T z' = -w^T z); lam = 1 lands on the boundary. Atoms that fail the guard
+    (:func:`atom_alignment`) get alpha = 0 (left unedited). Returns (AtomEdits, valid [K]).
     """
     wu, valid = atom_alignment(w, atoms, eps, min_alignment)
     alpha = jnp.where(valid, lam / jnp.where(valid, wu, 1.0), 0.0)
     V = jnp.broadcast_to(w[:, None], atoms.shape)
-    return (atoms, V, alpha), valid
+    mu = jnp.zeros(atoms.shape[0], atoms.dtype) if mu is None else jnp.asarray(mu)
+    return AtomEdits(atoms, V, alpha, mu), valid
 
 
 def apply_atom_edits(z, mu, U, V, alpha):
-    """The form every DiDAE edit shares: z'_k = z - alpha_k ((z - mu) . v_k) u_k, for k = 1..K.
+    """z'_k = z - alpha_k ((z - mu) . v_k) u_k (see :class:`AtomEdits`).
 
     Reflection: v_k = u_k = omega_k, alpha_k = 2. Algorithm 2 on centred codes: v_k = w,
-    alpha_k = lam / (w . u_k). One compiled decoder program serves both (only arrays change).
-    z: [B, D]; mu: [D]; U, V: [D, K]; alpha: [K] -> [K, B, D].
+    alpha_k = lam / (w . u_k). z: [B, D]; mu: [D]; U, V: [D, K]; alpha: [K] -> [K, B, D].
     """
     s = ((z - mu) @ V) * alpha  # [B, K]
     return z[None] - jnp.einsum("bk,dk->kbd", s, U)
@@ -133,3 +144,12 @@ def apply_atom_edits(z, mu, U, V, alpha):
 def project_out(phi, Q):
     """The projection baseline: phi - Q Q^T phi removes the span of Q [D, J] from phi [B, D]."""
     return phi - (phi @ Q) @ Q.T
+
+
+def edit_lengths(z, edit: AtomEdits, z_fit) -> np.ndarray:
+    """Mean ||z'_k - z|| per atom [K] in units of the codes' spread, the RMS distance of the fit
+    codes z_fit [N, D] from their mean: 2 or more means an edit leaves the region the codes occupy."""
+    z = jnp.asarray(z)
+    dz = edit.astype(jnp.float32)(z) - z[None]  # [K, B, D]
+    spread = np.sqrt(np.mean(np.sum((z_fit - z_fit.mean(0)) ** 2, axis=1)))
+    return np.asarray(jnp.linalg.norm(dz, axis=-1).mean(1)) / spread

@@ -92,3 +92,8 @@ def denoising_loss(model, schedule, cond_fn: Callable | None = None, prediction:
         return jnp.mean((out.astype(jnp.float32) - target(prediction, x0, eps, abar)) ** 2), {}
 
     return loss_fn
+
+
+def eps_mse_loss(model, schedule, cond_fn=None):
+    """The eps-MSE objective: :func:`denoising_loss` with prediction="eps"."""
+    return denoising_loss(model, schedule, cond_fn, "eps")

@@ -18,45 +18,29 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
-from tqdm.auto import tqdm
 
 from jaxcf import configs as cfgs
-from jaxcf.data.shapes import SHAPE_NAMES, judge_shapes, render_shapes, shapes_dataset, with_shape
+from jaxcf.data.shapes import SHAPE_NAMES, judge_shapes, render_shapes, with_shape
 from jaxcf.dicap.counterfactuals import CF_TARGETS, clip_zero_shot_log_prob, generate_counterfactuals, \
     sample_target_classes
-from jaxcf.dicap.losses import class_cosines, dicap_loss
-from jaxcf.dicap.metrics import accuracy, counterfactual_latent_divergence, flip_rate, harmonic_mean
-from jaxcf.dicap.prompts import PROMPT_MODES, build_prompt_tokens, init_prompt_params, prompt_text_features
+from jaxcf.dicap.estimation import PromptSetup, prompt_accuracy, train_prompts
+from jaxcf.dicap.losses import class_cosines
+from jaxcf.dicap.metrics import accuracy, argmax_flip_rate, counterfactual_latent_divergence, harmonic_mean
+from jaxcf.dicap.prompts import PROMPT_MODES
+from jaxcf.dicap.report import write_report
+from jaxcf.dicap.sources import few_shot_source
 from jaxcf.diffusion.ddim import GUIDE_ON
-from jaxcf.pipelines.foundation import Foundation, build_foundation, encode_images, template_text_features
-from jaxcf.train import (
-    Checkpointer,
-    MetricWriter,
-    check_batch_divisible,
-    create_train_state,
-    data_sharding,
-    jit_update,
-    make_update_fn,
-    param_shardings,
-    replicated,
-    stream_indices,
-    to_host,
-    train_loop,
-    tree_digest,
-    warmup_cosine,
-)
+from jaxcf.foundation import ASSETS, Foundation, build_foundation, encode_images, template_text_features
+from jaxcf.train import check_batch_divisible, tree_digest
+from jaxcf.train.batched import batched
 from jaxcf.utils import io
-from jaxcf.utils.images import save_grid
 
 OPTIMIZERS = ("sgd", "adamw")
 FOUNDATIONS = ("toy", "pretrained")
 
 
 def validate(config) -> None:
-    from jaxcf.pipelines.foundation import ASSETS
-
     cfgs.check_choice(config, "foundation.kind", FOUNDATIONS)
     assets = config.foundation.assets
     if assets and not os.path.isdir(os.path.join(ASSETS, assets)):
@@ -119,29 +103,22 @@ def validate(config) -> None:
 # ----------------------------------------------------------------------------- action
 
 
-def counterfactuals(found: Foundation, x: np.ndarray, y_cf: np.ndarray, text_feats, cfg, mesh, desc: str):
+def counterfactuals(found: Foundation, x: np.ndarray, y_cf: np.ndarray, text_feats, cfg, mesh, desc: str,
+                    param_sharding: str = "replicated"):
     """Counterfactuals of x [N, H, W, 3] toward y_cf [N], generated in sharded batches."""
-    bs = cfg.batch_size
-    check_batch_divisible(bs, mesh, "config.counterfactual.batch_size")
-    rep, dat = replicated(mesh), data_sharding(mesh)
+    check_batch_divisible(cfg.batch_size, mesh, "config.counterfactual.batch_size")
 
-    def gen(dp, clip_params, text_feats, x, y):
+    def gen(params, xy, text_feats):
+        dp, clip_params = params
         lp = clip_zero_shot_log_prob(found.clip, clip_params, text_feats, found.to_clip, cfg.logit_scale)
         enc = None if found.encode is None else (lambda im: found.encode(dp, im))
         dec = None if found.decode is None else (lambda z: found.decode(dp, z))
-        return generate_counterfactuals(found.eps_fn(dp), lp, x, y, cfg.scale, found.schedule, cfg.ddim_steps,
-                                        cfg.depth, encode=enc, decode=dec, guide_on=cfg.guide_on)
+        return generate_counterfactuals(found.eps_fn(dp), lp, xy[0], xy[1], cfg.scale, found.schedule,
+                                        cfg.ddim_steps, cfg.depth, encode=enc, decode=dec, guide_on=cfg.guide_on)
 
-    gen = jax.jit(gen, in_shardings=(rep, rep, rep, dat, dat), out_shardings=dat)
-    n = len(x)
-    pad = (-n) % bs
-    xp = np.concatenate([x, x[:pad]]) if pad else x
-    yp = np.concatenate([y_cf, y_cf[:pad]]) if pad else y_cf
-    out = []
-    for i in tqdm(range(0, len(xp), bs), desc=desc, disable=jax.process_index() != 0):
-        xb, yb = jax.device_put((xp[i:i + bs], yp[i:i + bs].astype(np.int32)), dat)  # each process: its rows
-        out.append(to_host(gen(found.diffusion_params, found.clip_params, text_feats, xb, yb)))
-    return np.clip(np.concatenate(out)[:n], -1.0, 1.0)
+    run = batched(gen, mesh, cfg.batch_size, param_sharding=param_sharding, desc=desc)
+    x_cf = run((found.diffusion_params, found.clip_params), (x, np.asarray(y_cf, np.int32)), text_feats)
+    return np.clip(x_cf, -1.0, 1.0)
 
 
 def counterfactual_key(config, seed: int, x, text_feats, foundation_digest: str) -> str:
@@ -167,7 +144,8 @@ def cached_counterfactuals(found, x, y, text_feats, config, seed, workdir, mesh,
         if z["x"].shape == x.shape and np.array_equal(z["x"], x):
             return z["x_cf"], z["y_cf"]
     y_cf = np.asarray(sample_target_classes(jnp.asarray(y), text_feats, cf.target, jax.random.key(seed + 17)))
-    x_cf = counterfactuals(found, x, y_cf, text_feats, cf, mesh, desc=f"counterfactuals (seed {seed})")
+    x_cf = counterfactuals(found, x, y_cf, text_feats, cf, mesh, desc=f"counterfactuals (seed {seed})",
+                           param_sharding=config.param_sharding)
     if io.is_writer():
         io.write_npz(path, x=x, x_cf=x_cf, y_cf=y_cf)
     return x_cf, y_cf
@@ -176,140 +154,7 @@ def cached_counterfactuals(found, x, y, text_feats, config, seed, workdir, mesh,
 # ----------------------------------------------------------------------------- estimation
 
 
-class PromptSetup:
-    """The frozen pieces of prompt learning for one class list (template tokens and embeddings)."""
-
-    def __init__(self, found: Foundation, class_names, n_ctx: int, max_len: int):
-        self.tmpl = build_prompt_tokens(found.tokenizer, class_names, n_ctx, max_len)
-        self.base = found.clip.token_embedding(found.clip_params, jnp.asarray(self.tmpl.token_ids))
-
-    def text_features(self, found, clip_params, prompt_params, image_feats=None):
-        return prompt_text_features(found.clip, clip_params, prompt_params, self.base, self.tmpl, image_feats)
-
-
-def train_prompts(found: Foundation, setup: PromptSetup, f_x, f_cf, y, config, seed: int, workdir: str, mesh,
-                  lam: float, desc: str):
-    """Learns the prompt context on precomputed features; only the prompt parameters train."""
-    tc = config.train
-    check_batch_divisible(tc.batch_size, mesh, "config.train.batch_size")
-    lr = warmup_cosine(tc.learning_rate, tc.warmup_steps, tc.steps)
-    tx = optax.sgd(lr, momentum=0.9) if tc.optimizer == "sgd" else optax.adamw(lr, weight_decay=tc.weight_decay)
-    cocoop = config.prompt.mode == "cocoop"
-    scale = found.clip.logit_scale(found.clip_params)
-
-    def init(rng):
-        return init_prompt_params(rng, found.clip, found.clip_params, found.tokenizer, len(setup.tmpl.token_ids),
-                                  config.prompt.n_ctx, config.prompt.init_text or None, config.prompt.mode)
-
-    def loss_fn(pp, batch, rng, frozen):
-        # the template embeddings ([C, L, D]; large for ImageNet) come in with the frozen CLIP params
-        # as an argument rather than as a constant baked into the compiled step
-        t = prompt_text_features(found.clip, frozen["clip"], pp, frozen["base"], setup.tmpl,
-                                 batch["f"] if cocoop else None)
-        return dicap_loss(batch["f"], batch.get("f_cf"), t, batch["y"], scale, lam, tc.tau, tc.all_classes)
-
-    state, shardings = create_train_state(init, tx, seed, mesh)
-    frozen = {"clip": found.clip_params, "base": setup.base}
-    frozen_sh = {"clip": param_shardings(jax.eval_shape(lambda: found.clip_params), mesh, config.param_sharding),
-                 "base": replicated(mesh)}
-    update = jit_update(make_update_fn(loss_fn, tx), shardings, mesh, frozen_shardings=frozen_sh)
-
-    def batch_fn(step):
-        idx = stream_indices(len(y), tc.batch_size, step, seed)
-        b = {"f": f_x[idx], "y": y[idx].astype(np.int32)}
-        if lam > 0:
-            b["f_cf"] = f_cf[idx]
-        return b
-
-    ckpt = Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
-    state = train_loop(state, update, batch_fn, tc.steps, mesh, ckpt, MetricWriter(workdir), log_every=config.log_every,
-                       desc=desc, frozen=jax.device_put(frozen, frozen_sh))
-    ckpt.close()
-    return state.params
-
-
-def prompt_accuracy(found, setup: PromptSetup, prompt_params, feats, labels, cocoop: bool) -> float:
-    if not cocoop:
-        t = setup.text_features(found, found.clip_params, prompt_params)
-        return accuracy(class_cosines(jnp.asarray(feats), t), labels)
-    fn = jax.jit(lambda pp, f: class_cosines(f, setup.text_features(found, found.clip_params, pp, f)))
-    logits = np.concatenate([np.asarray(fn(prompt_params, feats[i:i + 64])) for i in range(0, len(feats), 64)])
-    return accuracy(logits, labels)
-
-
 # ----------------------------------------------------------------------------- run
-
-
-class ShapesSource:
-    """The shapes world: few-shot set with a spurious background, base / novel / bias-conflicting tests."""
-
-    def __init__(self, config):
-        self.d = config.data
-        self.base_names = list(self._split("test_base").class_names)
-        self.novel_names = list(self._split("test_novel").class_names)
-        if list(self.d.base_classes) != self.base_names or list(self.d.novel_classes) != self.novel_names:
-            raise cfgs.ConfigError(f"config.data.base_classes / novel_classes must be the shapes world's split "
-                                   f"{self.base_names} / {self.novel_names}")
-
-    def _split(self, split, seed=7, **kw):
-        return shapes_dataset(split, resolution=self.d.resolution, num_per_class=self.d.test_per_class, seed=seed, **kw)
-
-    def fewshot(self, seed):
-        """(images, labels, object masks, factors) of the few-shot set."""
-        ds = self._split("fewshot", seed=seed, shots=self.d.shots, bias=self.d.bias)
-        arr = ds.get(np.arange(len(ds)), keys=("image", "label", "mask", "factors"))
-        return arr["image"], arr["label"], arr["mask"], arr["factors"]
-
-    def shape_of(self, labels):
-        """Shape indices of base-class labels."""
-        return np.array([SHAPE_NAMES.index(self.base_names[i]) for i in labels], np.int32)
-
-    def tests(self):
-        out = {}
-        for k in ("base", "novel", "conflict"):
-            arr = (ds := self._split(f"test_{k}")).get(np.arange(len(ds)), keys=("image", "label"))
-            out[k] = (arr["image"], arr["label"])
-        return out
-
-
-class TfdsSource:
-    """A tfds dataset under the CoCoOp protocol: k shots per base class; base and novel test sets."""
-
-    def __init__(self, config):
-        from jaxcf.data.common import get_dataset
-        from jaxcf.data.tfds_data import DatasetNotPreparedError
-
-        self.d = config.data
-        self.get = get_dataset
-        self.kw = dict(resolution=self.d.resolution, data_dir=self.d.data_dir or None,
-                       class_names_file=self.d.class_names_file or None)
-        self.classes = {"base": list(self.d.base_classes) or "base", "novel": list(self.d.novel_classes) or "novel"}
-        try:
-            self.base_names = list(self.get(self.d.name, split="train", classes=self.classes["base"], **self.kw).class_names)
-            self.novel_names = list(self.get(self.d.name, split="test", classes=self.classes["novel"], **self.kw).class_names)
-        except (ValueError, DatasetNotPreparedError) as e:
-            raise cfgs.ConfigError(f"config.data.name={self.d.name!r} (config.data.data_dir={self.d.data_dir!r}): "
-                                   f"{e}") from e
-
-    def fewshot(self, seed):
-        ds = self.get(self.d.name, split="train", classes=self.classes["base"], shots=self.d.shots, seed=seed, **self.kw)
-        arr = ds.get(np.arange(len(ds)), keys=("image", "label"))
-        counts = np.bincount(arr["label"], minlength=len(self.base_names))
-        if counts.min() < self.d.shots:
-            worst = int(np.argmin(counts))
-            raise cfgs.ConfigError(f"config.data.shots={self.d.shots} is larger than the data: class "
-                                   f"{self.base_names[worst]!r} has only {counts[worst]} training images")
-        return arr["image"], arr["label"], None, None
-
-    def tests(self):
-        out = {}
-        for k in ("base", "novel"):
-            ds = self.get(self.d.name, split="test", classes=self.classes[k], **self.kw)
-            n = len(ds) if not self.d.max_test_examples else min(len(ds), self.d.max_test_examples)
-            sub = ds.subset(np.sort(np.random.default_rng(7).permutation(len(ds))[:n]))  # in memory
-            arr = sub.get(np.arange(len(sub)), keys=("image", "label"))
-            out[k] = (arr["image"], arr["label"])
-        return out
 
 
 def _run_key(config, seed: int, method: str, foundation_digest: str) -> str:
@@ -335,7 +180,7 @@ def _mean_std(rows, key):
 
 def run(config, workdir: str, mesh):
     t_start = time.time()
-    source = ShapesSource(config) if config.data.name == "shapes" else TfdsSource(config)
+    source = few_shot_source(config)
     first_shots = source.fewshot(config.seeds[0])  # data errors (e.g. too few shots) before any model work
     found = build_foundation(config, workdir, mesh)
     found_digest = tree_digest((found.clip_params, found.diffusion_params, found.schedule))  # keys the caches
@@ -347,7 +192,7 @@ def run(config, workdir: str, mesh):
     max_len = found.clip.config.text.max_position_embeddings
     base_names, novel_names = source.base_names, source.novel_names
     tests = source.tests()
-    test_feats = {k: encode_images(found, x) for k, (x, _) in tests.items()}
+    test_feats = {k: encode_images(found, x, mesh=mesh) for k, (x, _) in tests.items()}
     template = config.counterfactual.template
     zs = {"base": template_text_features(found, base_names, template, max_len),
           "novel": template_text_features(found, novel_names, template, max_len)}
@@ -361,13 +206,13 @@ def run(config, workdir: str, mesh):
     for seed in config.seeds:
         x, y, mask, factors = first_shots if seed == config.seeds[0] else source.fewshot(seed)
         x_cf, y_cf = cached_counterfactuals(found, x, y, zs["base"], config, seed, workdir, mesh, found_digest)
-        f_x, f_cf = encode_images(found, x), encode_images(found, x_cf)
+        f_x, f_cf = encode_images(found, x, mesh=mesh), encode_images(found, x_cf, mesh=mesh)
         zs_cf_logits = np.asarray(class_cosines(jnp.asarray(f_cf), zs["base"]))
         ref_f = np.concatenate([f_x, test_feats["base"]])
         ref_y = np.concatenate([y, tests["base"][1]])
         norm = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
         cld = counterfactual_latent_divergence(norm(f_x), norm(f_cf), y, y_cf, norm(ref_f), ref_y)
-        row = {"seed": seed, "cf_flip_rate": flip_rate(zs_cf_logits, y_cf), "cf_cld": float(np.nanmean(cld)),
+        row = {"seed": seed, "cf_flip_rate": argmax_flip_rate(zs_cf_logits, y_cf), "cf_cld": float(np.nanmean(cld)),
                "cf_l1": float(np.mean(np.abs(x_cf - x)))}
         if mask is not None:  # ground truth of the shapes world: what changed, object or background
             m = mask[..., None]
@@ -383,8 +228,8 @@ def run(config, workdir: str, mesh):
                        cf_judge_background_l1=float(np.mean(judge["background_l1"])),
                        cf_judge_object_color_l1=float(np.mean(judge["object_color_l1"])))
             x_gt, _ = render_shapes(with_shape(factors, target_shape), resolution=config.data.resolution)
-            f_gt = encode_images(found, x_gt.astype(np.float32) / 127.5 - 1)
-            row["gt_zeroshot_flip_rate"] = flip_rate(np.asarray(class_cosines(jnp.asarray(f_gt), zs["base"])), y_cf)
+            f_gt = encode_images(found, x_gt.astype(np.float32) / 127.5 - 1, mesh=mesh)
+            row["gt_zeroshot_flip_rate"] = argmax_flip_rate(np.asarray(class_cosines(jnp.asarray(f_gt), zs["base"])), y_cf)
             methods += (("dicap_gt", config.train.lam, f_gt),)
         for k in tests:
             row[f"zeroshot_{k}"] = accuracy(class_cosines(jnp.asarray(test_feats[k]), zs[split_of[k]]), tests[k][1])
@@ -394,7 +239,7 @@ def run(config, workdir: str, mesh):
                                desc=f"{method} prompts (seed {seed})")
             for k in tests:
                 row[f"{method}_{k}"] = prompt_accuracy(found, setups[split_of[k]], pp, test_feats[k], tests[k][1],
-                                                       cocoop)
+                                                       cocoop, mesh)
         for method in ("zeroshot",) + tuple(m[0] for m in methods):
             row[f"{method}_hm"] = harmonic_mean(row[f"{method}_base"], row[f"{method}_novel"])
         rows.append(row)
@@ -413,46 +258,3 @@ def run(config, workdir: str, mesh):
     if jax.process_index() == 0:
         write_report(results, grid_pairs, base_names, workdir)
     return results
-
-
-def write_report(results, grid_pairs, base_names, workdir):
-    io.write_json(io.join(workdir, "results.json"), results)
-    s = results["summary"]
-    fmt = lambda k: f"{100 * s[k]['mean']:.1f} ± {100 * s[k]['std']:.1f}"  # noqa: E731
-    cf = results["counterfactual"]
-    lines = [
-        f"DiCap ({results['variant']}, {results['dataset']}): {len(results['seeds'])} seeds, {results['shots']} shots, bias {results['bias']}, "
-        f"y_cf={cf['target']}, s={cf['scale']:g}, depth={cf['depth']:g}, lambda={results['lam']:g}",
-        "",
-        "| method | base | novel | HM | bias-conflicting |",
-        "|---|---|---|---|---|",
-    ]
-    get = lambda k: fmt(k) if k in s else "n/a"  # noqa: E731
-    num = lambda k: f"{s[k]['mean']:.3f}" if k in s else "n/a"  # noqa: E731
-    for method, label in (("zeroshot", "zero-shot CLIP"), ("coop", "CoOp"), ("dicap", "DiCap"),
-                          ("dicap_gt", "DiCap, ground-truth counterfactuals (upper bound)")):
-        if method + "_base" not in s:
-            continue
-        lines.append(f"| {label} | {fmt(method + '_base')} | {fmt(method + '_novel')} | {fmt(method + '_hm')} | "
-                     f"{get(method + '_conflict')} |")
-    lines += ["", "| counterfactuals | flip rate | CLD | L1 | L1 object | L1 background |", "|---|---|---|---|---|---|",
-              f"| {cf['target']}, s={cf['scale']:g} | {fmt('cf_flip_rate')} | {num('cf_cld')} | {num('cf_l1')} | "
-              f"{num('cf_l1_object')} | {num('cf_l1_background')} |", ""]
-    if "cf_judge_flip_rate" in s:
-        lines += ["Judged without a model (each counterfactual against re-renderings of every shape with the source's "
-                  "other factors):", "", "| flip rate (judge) | shape kept (judge) | background L1 | object colour L1 "
-                  "| zero-shot CLIP flip rate on ground-truth counterfactuals |", "|---|---|---|---|---|",
-                  f"| {fmt('cf_judge_flip_rate')} | {fmt('cf_judge_kept_shape')} | {num('cf_judge_background_l1')} | "
-                  f"{num('cf_judge_object_color_l1')} | {fmt('gt_zeroshot_flip_rate')} |", ""]
-    text = "\n".join(lines)
-    io.write_text(io.join(workdir, "results.md"), text)
-    print(text)
-    if grid_pairs is not None:
-        x, x_cf, y, y_cf = grid_pairs
-        order = np.argsort(y, kind="stable")
-        k = min(12, len(x))
-        pick = order[np.linspace(0, len(order) - 1, k).astype(int)]
-        save_grid([x[pick], x_cf[pick]], io.join(workdir, "counterfactuals.png"), scale=3)
-        pairs = " | ".join(f"{base_names[y[i]]} -> {base_names[y_cf[i]]}" for i in pick)
-        io.write_text(io.join(workdir, "counterfactuals.txt"),
-                      f"top row: factual, bottom row: counterfactual\n{pairs}\n")

@@ -1,7 +1,7 @@
 """Pixel-space diffusion: train an eps-model, then check DDIM abduction (invert -> sample) on it.
 
-This is the "foundation" stage the counterfactual pipelines stand on (DiCap's toy world trains
-its diffusion model with :func:`train_eps_model`), and a pipeline of its own:
+The denoiser training is :func:`jaxcf.diffusion.train.train_eps_model` (also used by DiCap's toy
+foundation and DiDAE's decoder); this pipeline runs it alone:
 ``python -m jaxcf.main --config=configs/diffusion.py:square_tiny --workdir=DIR``.
 Outputs in the workdir: metrics.jsonl, checkpoints/, samples.png, reconstructions.png, results.json.
 """
@@ -11,32 +11,15 @@ from __future__ import annotations
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
 from jaxcf import configs as cfgs
 from jaxcf.data.common import get_dataset
-from jaxcf.diffusion import SCHEDULES, denoising_loss, ddim_invert, ddim_sample, make_schedule
-from jaxcf.models.init import fast_init
+from jaxcf.diffusion import SCHEDULES, ddim_invert, ddim_sample, make_schedule
+from jaxcf.diffusion.train import train_eps_model
 from jaxcf.models.registry import build_model
-from jaxcf.train import (
-    Checkpointer,
-    MetricWriter,
-    check_batch_divisible,
-    create_train_state,
-    data_sharding,
-    jit_update,
-    make_update_fn,
-    param_shardings,
-    replicated,
-    stream_indices,
-    to_host,
-    train_loop,
-    tree_digest,
-    warmup_cosine,
-)
+from jaxcf.train import data_sharding, replicated, to_host
 from jaxcf.utils import io
 from jaxcf.utils.images import save_grid
 
@@ -57,57 +40,6 @@ def validate(config) -> None:
     build_model(config.model.name, config.model.config, config.dtype)  # unknown name or field -> ConfigError
 
 
-def eps_mse_loss(model, schedule, cond_fn=None):
-    """The eps-MSE objective (:func:`jaxcf.diffusion.denoising_loss` with prediction="eps")."""
-    return denoising_loss(model, schedule, cond_fn, "eps")
-
-
-def train_eps_model(model, schedule, dataset, train_cfg, workdir: str, mesh, *, seed: int, log_every: int,
-                    checkpoint_every: int, keep: int, desc: str = "diffusion", init_params=None, cond_fn=None,
-                    frozen=None):
-    """Trains ``model`` (an eps-model ``apply(x_t, t, *cond)``) on ``dataset`` images; returns EMA params.
-
-    Resumes from ``workdir/checkpoints`` if present. ``train_cfg``: steps, batch_size,
-    learning_rate, warmup_steps, ema_decay, optional weights ("ema", the default, or "final": the
-    last iterate instead of the average) and prediction ("eps", the default, "v" or "x0": what the
-    network outputs; :func:`jaxcf.diffusion.as_eps_fn` turns it into eps for sampling). ``init_params``: ready-made params or a traceable
-    ``rng -> params`` (default :func:`jaxcf.models.init.fast_init` on an unconditional input);
-    ``cond_fn`` and ``frozen`` as in :func:`eps_mse_loss` (frozen params are
-    passed to the jitted step as a replicated argument).
-    """
-    check_batch_divisible(train_cfg.batch_size, mesh, "config.train.batch_size")
-    res = dataset.get([0])["image"].shape[1:]
-
-    if init_params is None:  # flax's default distributions in one draw (model.init compiles for minutes on CPU)
-        init_params = fast_init(model, jax.ShapeDtypeStruct((1,) + res, jnp.float32),
-                                jax.ShapeDtypeStruct((1,), jnp.int32), rng=jax.random.key(seed))["params"]
-
-    lr = warmup_cosine(train_cfg.learning_rate, train_cfg.warmup_steps, train_cfg.steps, end_fraction=0.1)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
-    state, shardings = create_train_state(init_params, tx, seed, mesh, ema=True)
-    frozen_shardings = None
-    if frozen is not None:
-        frozen_shardings = param_shardings(frozen, mesh)  # replicated
-        frozen = jax.device_put(frozen, frozen_shardings)  # once, not on every step
-    loss_fn = denoising_loss(model, schedule, cond_fn, train_cfg.get("prediction", "eps"))
-    update = jit_update(make_update_fn(loss_fn, tx, ema_decay=train_cfg.ema_decay),
-                        shardings, mesh, frozen_shardings=frozen_shardings)
-
-    def batch_fn(step):
-        idx = stream_indices(len(dataset), train_cfg.batch_size, step, seed)
-        return {"image": dataset.get(idx, keys=("image",))["image"]}
-
-    ckpt = Checkpointer(workdir, every=checkpoint_every, keep=keep)
-    writer = MetricWriter(workdir)
-    key = dict(train=train_cfg.to_dict(), schedule=tree_digest(schedule), model=type(model).__name__,
-               dtype=str(getattr(model, "dtype", "")), conditioned=cond_fn is not None)
-    state = train_loop(state, update, batch_fn, train_cfg.steps, mesh, ckpt, writer, log_every=log_every, desc=desc,
-                       frozen=frozen, key=key)
-    ckpt.close()
-    writer.close()
-    return state.ema_params if train_cfg.get("weights", "ema") == "ema" else state.params
-
-
 def make_codec(model, schedule, num_steps: int, depth: float, mesh):
     """Jitted ``invert(params, x0) -> x_T`` and ``sample(params, x_T) -> x0`` sharded over the data axis."""
 
@@ -126,9 +58,7 @@ def run(config, workdir: str, mesh):
     model = build_model(config.model.name, config.model.config, config.dtype)
     sc = config.schedule
     schedule = make_schedule(sc.name, sc.num_train_timesteps, sc.beta_start, sc.beta_end)
-    params = train_eps_model(model, schedule, dataset, config.train, workdir, mesh, seed=config.seed,
-                             log_every=config.log_every, checkpoint_every=config.checkpoint_every,
-                             keep=config.keep_checkpoints)
+    params = train_eps_model(model, schedule, dataset, config.train, workdir, mesh, config, seed=config.seed)
     train_time = time.time() - t0
 
     d = mesh.shape["data"]

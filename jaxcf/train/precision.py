@@ -25,10 +25,10 @@ from jaxcf.train.mesh import cast_floating
 
 def compute_dtype(name: str) -> jnp.dtype:
     """``config.dtype`` ("float32" or "bfloat16") as a numpy dtype."""
+    from jaxcf.configs import check_value
     from jaxcf.models.registry import DTYPES
 
-    if name not in DTYPES:
-        raise ValueError(f"config.dtype={name!r} is not allowed; allowed: {', '.join(DTYPES)}")
+    check_value("config.dtype", name, DTYPES)
     return jnp.dtype(DTYPES[name])
 
 

@@ -1,4 +1,4 @@
-"""Image grids a person can look at."""
+"""Images a person can look at: grids, heatmaps, and image sets saved as .npz."""
 
 from __future__ import annotations
 
@@ -28,3 +28,36 @@ def save_grid(rows, path: str, scale: int = 1, pad: int = 2) -> str:
     im.save(buf, format="PNG")
     io.write_bytes(path, buf.getvalue())
     return path
+
+
+def heatmap_png(matrix, row_names, col_names, path: str, title: str = "") -> None:
+    """A labelled heatmap of a small matrix (white = 0, blue = the largest entry) as a PNG."""
+    from PIL import ImageDraw
+
+    m = np.asarray(matrix, np.float64)
+    cw, ch, lw, th = 90, 28, 80, 40
+    im = Image.new("RGB", (lw + cw * m.shape[1] + 10, th + ch * (m.shape[0] + 1) + 10), "white")
+    draw = ImageDraw.Draw(im)
+    draw.text((4, 4), title, fill="black")
+    top = max(float(np.max(np.abs(m))), 1e-12)
+    for j, name in enumerate(col_names):
+        draw.text((lw + j * cw + 4, th), str(name)[:14], fill="black")
+    for i, rname in enumerate(row_names):
+        y = th + ch * (i + 1)
+        draw.text((4, y + 8), str(rname)[:12], fill="black")
+        for j in range(m.shape[1]):
+            v = abs(m[i, j]) / top
+            colour = (int(255 * (1 - 0.8 * v)), int(255 * (1 - 0.6 * v)), 255)
+            draw.rectangle([lw + j * cw, y, lw + (j + 1) * cw - 2, y + ch - 2], fill=colour)
+            draw.text((lw + j * cw + 6, y + 8), f"{m[i, j]:.3f}", fill="black")
+    buf = _io.BytesIO()
+    im.save(buf, format="PNG")
+    io.write_bytes(path, buf.getvalue())
+
+
+def save_image_set(path: str, **arrays) -> None:
+    """Arrays as a compressed .npz (local or bucket); float images in [-1, 1] should be passed
+    through :func:`jaxcf.data.common.to_uint8` first."""
+    buf = _io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    io.write_bytes(path, buf.getvalue())
