@@ -63,5 +63,6 @@ def get_config(arg=None):
     c.schedule = ml_collections.ConfigDict(dict(name="linear", num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02))
     c.train = ml_collections.ConfigDict(dict(steps=400, batch_size=32, learning_rate=2e-3, warmup_steps=50,
                                              ema_decay=0.99))
-    c.eval = ml_collections.ConfigDict(dict(num_images=16, ddim_steps=50, depth=1.0))
+    # samples.png decodes noise drawn from jax.random.key(seed + sample_seed_offset)
+    c.eval = ml_collections.ConfigDict(dict(num_images=16, ddim_steps=50, depth=1.0, sample_seed_offset=1))
     return select_variant(arg, {"square_tiny": square_tiny, "square": square, "test": test}, c, default="square_tiny")

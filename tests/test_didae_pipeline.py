@@ -217,7 +217,7 @@ def test_explain_stage_flips_a_shortcut_student_with_the_confounder_atom(tmp_pat
     import ml_collections
 
     from jaxcf.didae.dictionary import procrustes_dictionary
-    from jaxcf.pipelines import didae
+    from jaxcf.didae import stages as didae
 
     z, y, _ = _codes_world()
     halves = np.stack([z[:, 0] > 0, z[:, 1] > 0], 1).astype(np.float32) - 0.5

@@ -34,6 +34,7 @@ def validate(config) -> None:
     cfgs.check_int(config, "eval.ddim_steps", 1)
     cfgs.check_int(config, "eval.num_images", 1)
     cfgs.check_range(config, "eval.depth", 0.0, 1.0, low_open=True)
+    cfgs.check_int(config, "eval.sample_seed_offset", 0)
     if config.eval.ddim_steps > config.schedule.num_train_timesteps * config.eval.depth - 1:
         raise cfgs.ConfigError(f"config.eval.ddim_steps={config.eval.ddim_steps} exceeds the timesteps available at "
                                f"depth {config.eval.depth} of T={config.schedule.num_train_timesteps}")
@@ -71,7 +72,7 @@ def run(config, workdir: str, mesh):
     rec = sample(params, x_T)
     rec, x_T = to_host(rec), to_host(x_T)
     codec_time = time.time() - t1
-    noise = jax.random.normal(jax.random.key(config.seed + 1), x0.shape)
+    noise = jax.random.normal(jax.random.key(config.seed + config.eval.sample_seed_offset), x0.shape)
     if config.eval.depth != 1.0:  # samples from pure noise need the full-depth sampler
         sample = make_codec(model, schedule, config.eval.ddim_steps, 1.0, mesh)[1]
     samples = to_host(sample(params, jax.device_put(np.asarray(noise), data_sharding(mesh))))
