@@ -36,7 +36,8 @@ def test(c):
     f.assets = ""
     f.pretrain_examples = 256
     f.clip.update(width=16, depth=1, heads=2, projection_dim=16)
-    f.clip_train.update(steps=4, batch_size=32, warmup_steps=1)
+    f.clip_train.update(steps=4, batch_size=32, warmup_steps=1, confound_from=2)
+    f.noise_classifier.update(channels=(8, 16), steps=4, batch_size=16, warmup_steps=1)
     f.unet.update(block_out_channels=(8, 16), norm_num_groups=4,
                   down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
     f.unet_train.update(steps=4, batch_size=16, warmup_steps=1)
@@ -79,6 +80,10 @@ def get_config(arg=None):
         name="shapes",  # or "tfds:<name>"
         resolution=32, shots=16,
         bias=0.9, test_per_class=100,  # shapes world: spurious fraction of the shots, test size
+        # shapes world: the task domain's object sizes in pixels (smaller than the 13-21 px CLIP
+        # pretrained on: the domain shift prompts learn; () = the pretraining sizes) and the
+        # spurious fraction of the base test set (like the shots; -1 = uniform backgrounds)
+        object_size=(7, 11), test_bias=0.9,
         base_classes=class_names("base"), novel_classes=class_names("novel"),  # tfds: () = CoCoOp halves
         data_dir="", class_names_file="", max_test_examples=0))  # tfds only; 0 = the whole test split
     c.foundation = ml_collections.ConfigDict(dict(
@@ -89,12 +94,19 @@ def get_config(arg=None):
         pretrain_examples=8000,
         text_max_len=16,
         clip=dict(width=64, depth=3, heads=4, patch_size=4, projection_dim=64, max_len=16, hidden_act="quick_gelu"),
-        clip_train=dict(steps=2000, batch_size=128, learning_rate=1e-3, warmup_steps=100, weight_decay=0.1),
+        # confound: from step confound_from on, CLIP pretrains on the world with each base shape on its
+        # assigned background with this probability (0 = never): CLIP's features carry the shortcut
+        clip_train=dict(steps=10000, batch_size=128, learning_rate=1e-3, warmup_steps=100, weight_decay=0.1,
+                        confound=0.7, confound_from=6000),
+        generator_object_size=(6, 21),  # the diffusion model's pretraining pool covers the task's sizes
         unet=dict(in_channels=3, out_channels=3, block_out_channels=(16, 32, 64), layers_per_block=1,
                   down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
                   up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), attention_head_dim=8,
                   norm_num_groups=8),
-        unet_train=dict(steps=1200, batch_size=32, learning_rate=2e-3, warmup_steps=100, ema_decay=0.995),
+        unet_train=dict(steps=3000, batch_size=32, learning_rate=2e-3, warmup_steps=100, ema_decay=0.995),
+        # p(shape | x_t, t) for guide_on="xt", trained on the generator's pool noised to t < max_t
+        noise_classifier=dict(channels=(16, 32, 64), steps=4000, batch_size=64, learning_rate=2e-3, warmup_steps=100,
+                              weight_decay=1e-4, max_t=700),
         schedule=dict(name="linear", num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02),
     ))
     c.counterfactual = ml_collections.ConfigDict(dict(

@@ -188,11 +188,13 @@ def _other_color(avoid: np.ndarray, rng) -> np.ndarray:
 def shapes_dataset(split: str = "pretrain", *, num_examples: int = 5000, shots: int = 16,
                    bias: float = 0.9, num_per_class: int = 100, resolution: int = 32,
                    caption_layout: bool = False, object_size: tuple[int, int] | None = None,
-                   test_bias: float | None = None, seed: int = 0) -> ArrayDataset:
+                   test_bias: float | None = None, confound: float = 0.0, seed: int = 0) -> ArrayDataset:
     """One split of the shapes world as an ArrayDataset.
 
     split:
       "pretrain": `num_examples`, all classes, all factors uniform (for a tiny CLIP / diffusion);
+        with `confound` > 0 a base-class image is on its class's assigned background with
+        probability `confound` (else uniform): a confounded web corpus;
       "fewshot": `shots` per base class; a fraction `bias` (rounded per class) on the class's
         assigned background, the rest on other backgrounds;
       "test_base": `num_per_class` per base class; backgrounds uniform, or with `test_bias` a
@@ -207,7 +209,7 @@ def shapes_dataset(split: str = "pretrain", *, num_examples: int = 5000, shots: 
     aligned int32 [N] (1 where the background is the class's assigned one); caption str [N].
     """
     check_choice("split", split, SPLITS)
-    for name, value in (("bias", bias), ("test_bias", test_bias)):
+    for name, value in (("bias", bias), ("test_bias", test_bias), ("confound", confound)):
         if value is not None and not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}.")
     if object_size is not None:
@@ -222,6 +224,11 @@ def shapes_dataset(split: str = "pretrain", *, num_examples: int = 5000, shots: 
         classes = tuple(range(len(SHAPE_NAMES)))
         shape = rng.integers(0, len(SHAPE_NAMES), size=num_examples)
         background = rng.integers(0, n_colors, size=num_examples)
+        if confound > 0:  # drawn only when asked, so the unconfounded pool is unchanged
+            is_base = np.isin(shape, BASE_CLASSES)
+            pick = is_base & (rng.random(num_examples) < confound)
+            own = np.array([assigned_background(s) for s in shape])
+            background = np.where(pick, own, background)
     elif split == "fewshot":
         classes = BASE_CLASSES
         shape = np.repeat(np.asarray(classes), shots)

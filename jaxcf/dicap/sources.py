@@ -21,7 +21,12 @@ class ShapesSource:
                                    f"{self.base_names} / {self.novel_names}")
 
     def _split(self, split, seed=7, **kw):
-        return shapes_dataset(split, resolution=self.d.resolution, num_per_class=self.d.test_per_class, seed=seed, **kw)
+        """A split of the task domain: objects of data.object_size (() = the pretraining sizes);
+        the base test set drawn like the shots (data.test_bias) unless test_bias < 0 (uniform)."""
+        size = tuple(self.d.object_size) or None
+        test_bias = self.d.test_bias if self.d.test_bias >= 0 else None
+        return shapes_dataset(split, resolution=self.d.resolution, num_per_class=self.d.test_per_class, seed=seed,
+                              object_size=size, test_bias=test_bias, **kw)
 
     def fewshot(self, seed):
         """(images, labels, object masks, factors) of the few-shot set."""

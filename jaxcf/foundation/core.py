@@ -32,6 +32,11 @@ class Foundation:
     clip_image_size: int
     encode: Optional[Callable] = None
     decode: Optional[Callable] = None
+    # p(y | x_t, t) for guide_on="xt" (jaxcf.dicap.noise_aware), over the classes named by
+    # class_index(name) -> output index; None where the foundation has none
+    noise_classifier: Optional[Any] = None
+    noise_classifier_params: Any = None
+    class_index: Optional[Callable] = None
     _encoders: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     def image_features(self, clip_params, images):

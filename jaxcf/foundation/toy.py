@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from jaxcf.data.shapes import COLOR_NAMES, SHAPE_NAMES, shapes_dataset
+from jaxcf.dicap.noise_aware import NoiseAwareClassifier, noisy_classification_loss
 from jaxcf.diffusion import make_schedule
 from jaxcf.diffusion.train import train_eps_model
 from jaxcf.foundation.core import Foundation
@@ -57,12 +58,28 @@ def caption_variants(factors: np.ndarray) -> list[list[str]]:
     return out
 
 
-def train_clip(clip: CLIP, dataset, tokenizer, cfg, workdir: str, mesh, config, *, seed: int, max_len: int):
-    """Contrastive (InfoNCE) pretraining of ``clip`` on the world's images and varied captions."""
-    size = clip.config.vision.image_size
+def _caption_tokens(dataset, tokenizer, max_len: int) -> np.ndarray:
+    """Token ids [N, len(CAPTION_TEMPLATES), max_len] of every caption variant of every image."""
     variants = caption_variants(dataset.arrays["factors"])
+    ids = tokenizer([c for v in variants for c in v], max_length=max_len)
+    return ids.reshape(len(variants), len(CAPTION_TEMPLATES), max_len)
+
+
+def train_clip(clip: CLIP, dataset, tokenizer, cfg, workdir: str, mesh, config, *, seed: int, max_len: int,
+               confounded=None):
+    """Contrastive (InfoNCE) pretraining of ``clip`` on the world's images and varied captions.
+
+    ``confounded``: a second pool (the world with base shapes tied to their backgrounds,
+    ``cfg.confound``) that replaces ``dataset`` from step ``cfg.confound_from`` on: continued
+    pretraining on a confounded corpus, so that CLIP's own features carry the spurious
+    background (as web-scale CLIP's do).
+    """
+    size = clip.config.vision.image_size
     n_var = len(CAPTION_TEMPLATES)
-    tokens = tokenizer([c for v in variants for c in v], max_length=max_len).reshape(len(variants), n_var, max_len)
+    pools = [(dataset, _caption_tokens(dataset, tokenizer, max_len), seed)]
+    if confounded is not None:
+        pools.append((confounded, _caption_tokens(confounded, tokenizer, max_len), seed + 1))
+    tokens = pools[0][1]
     tx = optax.adamw(warmup_cosine(cfg.learning_rate, cfg.warmup_steps, cfg.steps), weight_decay=cfg.weight_decay)
 
     def loss_fn(params, batch, rng):
@@ -71,11 +88,14 @@ def train_clip(clip: CLIP, dataset, tokenizer, cfg, workdir: str, mesh, config, 
         return contrastive_loss(f, t, clip.logit_scale(params)), {}
 
     def batch_fn(step):
-        idx = stream_indices(len(dataset), cfg.batch_size, step, seed)
-        pick = np.random.default_rng((seed, step)).integers(0, n_var, len(idx))  # a caption variant per image
-        return {"image": dataset.get(idx, keys=("image",))["image"], "tokens": tokens[idx, pick]}
+        pool, toks, s = pools[1] if len(pools) > 1 and step >= cfg.confound_from else pools[0]
+        idx = stream_indices(len(pool), cfg.batch_size, step, s)
+        pick = np.random.default_rng((s, step)).integers(0, n_var, len(idx))  # a caption variant per image
+        return {"image": pool.get(idx, keys=("image",))["image"], "tokens": toks[idx, pick]}
 
     key = dict(train=cfg.to_dict(), captions=CAPTION_TEMPLATES, tokens=tree_digest(tokens))
+    if len(pools) > 1:
+        key["confounded_tokens"] = tree_digest(pools[1][1])
     return fit(clip.init, tx, loss_fn, batch_fn, steps=cfg.steps, batch_size=cfg.batch_size, workdir=workdir,
                mesh=mesh, config=config, seed=seed, desc="foundation: clip", key=key,
                batch_field="foundation.clip_train.batch_size").params
@@ -98,28 +118,69 @@ def toy_foundation(config, workdir: str, mesh) -> Foundation:
     seed = config.seed + SEED_OFFSET
     data_meta = dict(pretrain_examples=fc.pretrain_examples, resolution=res, world_seed=WORLD_SEED)
     folders = (assets_dir(fc.assets), io.join(workdir, "foundation"))
-    pool = []  # drawn once, only when something is trained
+    export_dir = io.join(workdir, "foundation")
+    gen_size = tuple(fc.generator_object_size) or None
+    pools = {}  # drawn once, only when something is trained
 
-    def world():
-        if not pool:
-            pool.append(shapes_dataset("pretrain", num_examples=fc.pretrain_examples, resolution=res, seed=WORLD_SEED))
-        return pool[0]
+    def world(kind):
+        """The pretraining pools: "clip" (objects of the default sizes), "confounded" (the same
+        world with base shapes on their assigned backgrounds with probability
+        clip_train.confound) and "generator" (objects of generator_object_size)."""
+        if kind not in pools:
+            kw = dict(clip=dict(seed=WORLD_SEED), confounded=dict(seed=WORLD_SEED + 1, confound=fc.clip_train.confound),
+                      generator=dict(seed=WORLD_SEED, object_size=gen_size))[kind]
+            pools[kind] = shapes_dataset("pretrain", num_examples=fc.pretrain_examples, resolution=res, **kw)
+        return pools[kind]
 
     clip_meta = dict(model=clip_cfg, train=fc.clip_train.to_dict(), data=data_meta, text_max_len=fc.text_max_len)
     clip_params = load_or_train(
-        "clip", clip.param_shapes, clip_meta, folders, io.join(workdir, "foundation"),
-        lambda: train_clip(clip, world(), tokenizer, fc.clip_train, io.join(workdir, "foundation", "clip_run"),
-                           mesh, config, seed=seed, max_len=fc.text_max_len))
-    unet_meta = dict(model=fc.unet.to_dict(), train=fc.unet_train.to_dict(), schedule=sc.to_dict(), data=data_meta)
+        "clip", clip.param_shapes, clip_meta, folders, export_dir,
+        lambda: train_clip(clip, world("clip"), tokenizer, fc.clip_train, io.join(export_dir, "clip_run"), mesh,
+                           config, seed=seed, max_len=fc.text_max_len,
+                           confounded=world("confounded") if fc.clip_train.confound > 0 else None))
+    gen_meta = dict(data_meta, object_size=list(gen_size)) if gen_size else data_meta
+    unet_meta = dict(model=fc.unet.to_dict(), train=fc.unet_train.to_dict(), schedule=sc.to_dict(), data=gen_meta)
     unet_params = load_or_train(
         "unet", lambda: jax.eval_shape(unet.init, jax.random.key(0), jnp.zeros((1, res, res, 3)),
-                                       jnp.zeros((1,), jnp.int32))["params"], unet_meta, folders,
-        io.join(workdir, "foundation"),
-        lambda: train_eps_model(unet, schedule, world(), fc.unet_train, io.join(workdir, "foundation", "unet_run"),
+                                       jnp.zeros((1,), jnp.int32))["params"], unet_meta, folders, export_dir,
+        lambda: train_eps_model(unet, schedule, world("generator"), fc.unet_train, io.join(export_dir, "unet_run"),
                                 mesh, config, seed=seed, desc="foundation: diffusion"))
+    noise_classifier = nac_params = None
+    if config.counterfactual.guide_on == "xt":  # only the runs that guide on x_t need it
+        nc = fc.noise_classifier
+        noise_classifier = NoiseAwareClassifier(num_classes=len(SHAPE_NAMES), channels=tuple(nc.channels))
+        nac_meta = dict(model=dict(channels=list(nc.channels), num_classes=len(SHAPE_NAMES)), train=nc.to_dict(),
+                        schedule=sc.to_dict(), data=gen_meta)
+        nac_params = load_or_train(
+            "noise_classifier", lambda: jax.eval_shape(noise_classifier.init, jax.random.key(0),
+                                                       jnp.zeros((1, res, res, 3)), jnp.zeros((1,), jnp.int32))["params"],
+            nac_meta, folders, export_dir,
+            lambda: train_noise_classifier(noise_classifier, schedule, world("generator"), nc,
+                                           io.join(export_dir, "noise_classifier_run"), mesh, config, seed=seed))
     frozen_clip = CLIP(CLIPConfig.tiny(**clip_cfg, dtype=dtype, param_dtype=dtype))
     frozen_unet = build_model("unet2d", fc.unet.to_dict(), config.dtype)
     return Foundation(clip=frozen_clip, clip_params=frozen_params(clip_params, dtype), tokenizer=tokenizer,
                       diffusion_params=frozen_params(unet_params, dtype),
                       eps_apply=lambda p, x, t: frozen_unet.apply({"params": p}, x, t), schedule=schedule,
-                      clip_image_size=res)
+                      clip_image_size=res, noise_classifier=noise_classifier, noise_classifier_params=nac_params,
+                      class_index=SHAPE_NAMES.index)
+
+
+def train_noise_classifier(model: NoiseAwareClassifier, schedule, dataset, cfg, workdir: str, mesh, config, *,
+                           seed: int):
+    """p(shape | x_t, t) on the world's images noised to t < cfg.max_t (the guidance of guide_on="xt")."""
+    tx = optax.adamw(warmup_cosine(cfg.learning_rate, cfg.warmup_steps, cfg.steps), weight_decay=cfg.weight_decay)
+    res = dataset.get([0])["image"].shape[1:]
+
+    def init(rng):
+        return model.init(rng, jnp.zeros((1,) + res), jnp.zeros((1,), jnp.int32))["params"]
+
+    def batch_fn(step):
+        idx = stream_indices(len(dataset), cfg.batch_size, step, seed)
+        b = dataset.get(idx, keys=("image", "label"))
+        return {"image": b["image"], "label": b["label"].astype(np.int32)}
+
+    return fit(init, tx, noisy_classification_loss(model, schedule, cfg.max_t), batch_fn, steps=cfg.steps,
+               batch_size=cfg.batch_size, workdir=workdir, mesh=mesh, config=config, seed=seed,
+               desc="foundation: noise-aware classifier", key=dict(train=cfg.to_dict()),
+               batch_field="foundation.noise_classifier.batch_size").params

@@ -22,6 +22,7 @@ from absl import logging
 
 from jaxcf import configs as cfgs
 from jaxcf.data.shapes import SHAPE_NAMES, judge_shapes, render_shapes, with_shape
+from jaxcf.dicap.noise_aware import noise_aware_log_prob
 from jaxcf.dicap.counterfactuals import CF_TARGETS, clip_zero_shot_log_prob, generate_counterfactuals, \
     sample_target_classes
 from jaxcf.dicap.estimation import PromptSetup, prompt_accuracy, train_prompts
@@ -50,6 +51,17 @@ def validate(config) -> None:
     cfgs.check_int(config, "data.shots", 1)
     cfgs.check_choice(config, "eval.ground_truth", (True, False))  # shapes world only (it re-renders the shots)
     cfgs.check_range(config, "data.bias", 0.0, 1.0)
+    if config.data.test_bias != -1:
+        cfgs.check_range(config, "data.test_bias", 0.0, 1.0)
+    res = config.data.resolution
+    for field in ("data.object_size", "foundation.generator_object_size"):
+        size = tuple(cfgs.get(config, field))
+        if size and not (len(size) == 2 and all(isinstance(v, int) for v in size) and 1 <= size[0] <= size[1] <= res):
+            raise cfgs.ConfigError(f"config.{field}={size!r} must be () or (min, max) pixels with "
+                                   f"1 <= min <= max <= data.resolution ({res})")
+    cfgs.check_range(config, "foundation.clip_train.confound", 0.0, 1.0)
+    cfgs.check_int(config, "foundation.noise_classifier.steps", 1)
+    cfgs.check_int(config, "foundation.noise_classifier.max_t", 1)
     if not config.seeds or not all(isinstance(s, int) and s >= 0 for s in config.seeds):
         raise cfgs.ConfigError(f"config.seeds={config.seeds!r} must be a non-empty list of integers >= 0")
     if config.data.name == "shapes":
@@ -82,6 +94,9 @@ def validate(config) -> None:
     cfgs.check_int(config, "counterfactual.batch_size", 1)
     cfgs.check_choice(config, "counterfactual.target", CF_TARGETS)
     cfgs.check_choice(config, "counterfactual.guide_on", GUIDE_ON)
+    if cf.guide_on == "xt" and config.foundation.kind != "toy":
+        raise cfgs.ConfigError("config.counterfactual.guide_on='xt' needs a noise-aware classifier, which only "
+                               "config.foundation.kind='toy' trains; use guide_on='x0' (CLIP on x0_hat)")
     T = config.foundation.schedule.num_train_timesteps
     if cf.ddim_steps > round(cf.depth * T) - 1:
         raise cfgs.ConfigError(f"config.counterfactual.ddim_steps={cf.ddim_steps} exceeds the {round(cf.depth * T)} "
@@ -104,20 +119,27 @@ def validate(config) -> None:
 
 
 def counterfactuals(found: Foundation, x: np.ndarray, y_cf: np.ndarray, text_feats, cfg, mesh, desc: str,
-                    param_sharding: str = "replicated"):
-    """Counterfactuals of x [N, H, W, 3] toward y_cf [N], generated in sharded batches."""
+                    param_sharding: str = "replicated", class_names=None):
+    """Counterfactuals of x [N, H, W, 3] toward y_cf [N] (indices into ``class_names``), generated in
+    sharded batches. The anti-causal predictor: frozen CLIP zero-shot on x0_hat (guide_on="x0") or
+    the foundation's noise-aware classifier on x_t ("xt"), restricted to ``class_names``."""
     check_batch_divisible(cfg.batch_size, mesh, "config.counterfactual.batch_size")
+    classes = None if class_names is None else [found.class_index(n) for n in class_names]
 
     def gen(params, xy, text_feats):
-        dp, clip_params = params
-        lp = clip_zero_shot_log_prob(found.clip, clip_params, text_feats, found.to_clip, cfg.logit_scale)
+        dp, clip_params, nac_params = params
+        if cfg.guide_on == "xt":
+            lp = noise_aware_log_prob(found.noise_classifier, nac_params, classes)
+        else:
+            lp = clip_zero_shot_log_prob(found.clip, clip_params, text_feats, found.to_clip, cfg.logit_scale)
         enc = None if found.encode is None else (lambda im: found.encode(dp, im))
         dec = None if found.decode is None else (lambda z: found.decode(dp, z))
         return generate_counterfactuals(found.eps_fn(dp), lp, xy[0], xy[1], cfg.scale, found.schedule,
                                         cfg.ddim_steps, cfg.depth, encode=enc, decode=dec, guide_on=cfg.guide_on)
 
     run = batched(gen, mesh, cfg.batch_size, param_sharding=param_sharding, desc=desc)
-    x_cf = run((found.diffusion_params, found.clip_params), (x, np.asarray(y_cf, np.int32)), text_feats)
+    x_cf = run((found.diffusion_params, found.clip_params, found.noise_classifier_params),
+               (x, np.asarray(y_cf, np.int32)), text_feats)
     return np.clip(x_cf, -1.0, 1.0)
 
 
@@ -133,7 +155,8 @@ def counterfactual_key(config, seed: int, x, text_feats, foundation_digest: str)
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def cached_counterfactuals(found, x, y, text_feats, config, seed, workdir, mesh, foundation_digest: str):
+def cached_counterfactuals(found, x, y, text_feats, config, seed, workdir, mesh, foundation_digest: str,
+                           class_names=None):
     """(x_cf, y_cf), from ``workdir/counterfactuals/*.npz`` when the same settings made them before
     (the file name holds :func:`counterfactual_key`)."""
     cf = config.counterfactual
@@ -145,7 +168,7 @@ def cached_counterfactuals(found, x, y, text_feats, config, seed, workdir, mesh,
             return z["x_cf"], z["y_cf"]
     y_cf = np.asarray(sample_target_classes(jnp.asarray(y), text_feats, cf.target, jax.random.key(seed + 17)))
     x_cf = counterfactuals(found, x, y_cf, text_feats, cf, mesh, desc=f"counterfactuals (seed {seed})",
-                           param_sharding=config.param_sharding)
+                           param_sharding=config.param_sharding, class_names=class_names)
     if io.is_writer():
         io.write_npz(path, x=x, x_cf=x_cf, y_cf=y_cf)
     return x_cf, y_cf
@@ -183,7 +206,10 @@ def run(config, workdir: str, mesh):
     source = few_shot_source(config)
     first_shots = source.fewshot(config.seeds[0])  # data errors (e.g. too few shots) before any model work
     found = build_foundation(config, workdir, mesh)
-    found_digest = tree_digest((found.clip_params, found.diffusion_params, found.schedule))  # keys the caches
+    weights = (found.clip_params, found.diffusion_params, found.schedule)
+    if found.noise_classifier_params is not None:
+        weights += (found.noise_classifier_params,)
+    found_digest = tree_digest(weights)  # keys the caches
     init_text = config.prompt.init_text
     if init_text and len(found.tokenizer.encode(init_text)) != config.prompt.n_ctx:
         raise cfgs.ConfigError(f"config.prompt.init_text={init_text!r} has {len(found.tokenizer.encode(init_text))} "
@@ -205,7 +231,8 @@ def run(config, workdir: str, mesh):
     grid_pairs = None
     for seed in config.seeds:
         x, y, mask, factors = first_shots if seed == config.seeds[0] else source.fewshot(seed)
-        x_cf, y_cf = cached_counterfactuals(found, x, y, zs["base"], config, seed, workdir, mesh, found_digest)
+        x_cf, y_cf = cached_counterfactuals(found, x, y, zs["base"], config, seed, workdir, mesh, found_digest,
+                                            class_names=base_names)
         f_x, f_cf = encode_images(found, x, mesh=mesh), encode_images(found, x_cf, mesh=mesh)
         zs_cf_logits = np.asarray(class_cosines(jnp.asarray(f_cf), zs["base"]))
         ref_f = np.concatenate([f_x, test_feats["base"]])
