@@ -77,10 +77,12 @@ def test_the_config_that_made_the_shipped_weights_still_trains(tmp_path):
     shipped = config.foundation.to_dict()
     config.foundation.assets = ""
     config.foundation.pretrain_examples = 128
-    config.foundation.clip_train.update(steps=3, batch_size=32)
+    config.foundation.clip_train.update(steps=3, batch_size=32, confound_from=2)  # both pretraining pools
     config.foundation.unet_train.update(steps=3, batch_size=8)
+    config.foundation.noise_classifier.update(steps=3, batch_size=8)
     found = toy_foundation(config, str(tmp_path), make_mesh([("data", -1)]))
-    for name, params in (("clip", found.clip_params), ("unet", found.diffusion_params)):
+    for name, params in (("clip", found.clip_params), ("unet", found.diffusion_params),
+                         ("noise_classifier", found.noise_classifier_params)):
         assert os.path.isfile(tmp_path / "foundation" / f"{name}.msgpack")
         with open(os.path.join(ASSETS, shipped["assets"], f"{name}.msgpack"), "rb") as f:
             ref = serialization.msgpack_restore(f.read())
