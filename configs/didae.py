@@ -50,7 +50,7 @@ def square(c):
     c.surrogate.steps = 2000
     c.oracle.update(steps=2000, width=32, num_stages=4)
     c.cfkd.update(num_inputs=800, steps=1000, batch_size=100)
-    c.edit.min_alignment = 0.0  # Algorithm 2 as published: only the |w.u_k| guard
+    c.edit.update(min_alignment=0.0, coef_quantile=0.0, residual=False)  # Algorithm 2 as published
     c.eval.update(num_inputs=200, batch_size=100)
     c.checkpoint_every = 500
 
@@ -77,6 +77,7 @@ def celeba(c):
     c.eval.controls = False
     c.eval.update(num_inputs=200, batch_size=64)
     c.checkpoint_every = 500
+    c.edit.update(coef_quantile=0.0, residual=False)  # Algorithm 2 as published
 
 
 def test(c):
@@ -128,8 +129,12 @@ def get_config(arg=None):
     c.dictionary = ml_collections.ConfigDict(dict(kinds=("procrustes", "svd"), num_atoms=4, factors=SQUARE_FACTORS,
                                                   fit_examples=1000))
     # Algorithm 2; min_alignment skips atoms whose cosine with the probe is below it (their edits
-    # would be lam |w.z| / (|w| cos) long, far off the codes)
-    c.edit = ml_collections.ConfigDict(dict(lam=2.0, guard=1e-6, min_alignment=0.1))
+    # would be lam |w.z| / (|w| cos) long, far off the codes). jaxcf additions, off in the paper
+    # variants: coef_quantile > 0 clips the edited atom coefficient to the [q, 1 - q] quantiles of the
+    # fit codes' (Algorithm 2 otherwise pushes it 2-5x past any code the decoder has seen);
+    # residual adds the decoded change to the input, x + D(x_T, z') - D(x_T, z)
+    c.edit = ml_collections.ConfigDict(dict(lam=2.0, guard=1e-6, min_alignment=0.1, coef_quantile=0.01,
+                                            residual=True))
     # ResNet-18 with the ImageNet stem (7x7/2 conv + max-pool), width 1/4: 0.7M parameters.
     c.student = ml_collections.ConfigDict(dict(kind="resnet18", width=0.25, stem="imagenet", steps=200, batch_size=64,
                                                learning_rate=1e-3))

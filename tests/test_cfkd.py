@@ -165,3 +165,9 @@ def test_autoencoder_decodes_all_edits_in_one_call():
     x_cf, z2, _ = jax.jit(lambda e, p, x: ae.counterfactuals(e, p, x, lambda z: z[None]))(enc_params, params, x)
     np.testing.assert_allclose(x_cf[0], decode(params, x_T, z), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(z2, z)
+    # residual edits: the decoded change added to the input; the identity edit returns the input
+    res = jax.jit(lambda e, p, x: ae.counterfactuals(e, p, x, lambda z: jnp.stack([z, -z]), residual=True)[0])
+    x_res = res(enc_params, params, x)
+    np.testing.assert_allclose(x_res[0], x, atol=5e-4)  # float32 noise of two decodes of an untrained net
+    expect = jnp.clip(x + decode(params, x_T, -z) - decode(params, x_T, z), -1, 1)
+    np.testing.assert_allclose(x_res[1], expect, rtol=1e-4, atol=1e-4)

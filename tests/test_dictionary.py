@@ -140,3 +140,34 @@ def test_dictionary_errors_are_clear():
     omega, mu = svd_dictionary(np.random.default_rng(0).normal(size=(10, 4)), 2)
     with pytest.raises(ValueError, match="atom index 2 is out of range for a dictionary of K=2 atoms"):
         reflect(jnp.zeros((1, 4)), omega, mu, 2)
+
+
+def test_coefficient_bounds_clip_only_the_edited_coefficient():
+    """Algorithm 2 with bounds: the edited atom's coefficient lands in [lo, hi] (clipped exactly where
+    the unbounded edit leaves it), every other coefficient is unchanged; infinite bounds change nothing."""
+    from jaxcf.didae.dictionary import coefficient_bounds
+
+    rng = np.random.default_rng(0)
+    D, K = 6, 3
+    atoms = np.linalg.qr(rng.normal(size=(D, K)))[0].astype(np.float32)
+    mu = rng.normal(size=D).astype(np.float32)
+    z_fit = (mu + rng.normal(size=(500, D))).astype(np.float32)
+    z = (mu + 2 * rng.normal(size=(20, D))).astype(np.float32)
+    w = (atoms @ np.array([1.0, 0.5, 0.2]) + 0.1 * rng.normal(size=D)).astype(np.float32)
+    lo, hi = coefficient_bounds(atoms, mu, z_fit, 0.05)
+    c_fit = (z_fit.astype(np.float64) - mu) @ atoms
+    np.testing.assert_allclose(lo, np.quantile(c_fit, 0.05, axis=0), rtol=1e-5)
+    np.testing.assert_allclose(hi, np.quantile(c_fit, 0.95, axis=0), rtol=1e-5)
+    free, _ = boundary_inversion(jnp.asarray(w), jnp.asarray(atoms), mu, 2.0)
+    bound, _ = boundary_inversion(jnp.asarray(w), jnp.asarray(atoms), mu, 2.0, bounds=(lo, hi))
+    unbounded, _ = boundary_inversion(jnp.asarray(w), jnp.asarray(atoms), mu, 2.0,
+                                      bounds=(np.full(K, -np.inf, np.float32), np.full(K, np.inf, np.float32)))
+    np.testing.assert_allclose(np.asarray(unbounded(jnp.asarray(z))), np.asarray(free(jnp.asarray(z))), atol=1e-5)
+    c_free = np.einsum("kbd,dj->kbj", np.asarray(free(jnp.asarray(z)), np.float64) - mu, atoms)
+    c_bound = np.einsum("kbd,dj->kbj", np.asarray(bound(jnp.asarray(z)), np.float64) - mu, atoms)
+    c_in = (z.astype(np.float64) - mu) @ atoms
+    for k in range(K):
+        np.testing.assert_allclose(c_bound[k, :, k], np.clip(c_free[k, :, k], lo[k], hi[k]), atol=1e-4)
+        others = [j for j in range(K) if j != k]
+        np.testing.assert_allclose(c_bound[k][:, others], c_in[:, others], atol=1e-4)
+    assert np.any(c_free[:, :, range(K)] != c_bound[:, :, range(K)])  # the bound did act on this draw

@@ -233,10 +233,10 @@ def test_explain_stage_flips_a_shortcut_student_with_the_confounder_atom(tmp_pat
 
     config = ml_collections.ConfigDict(dict(
         data=dict(name="codes"), cfkd=dict(true_factor="cause"), eval=dict(grid_examples=2),
-        edit=dict(lam=2.0, guard=1e-6, min_alignment=0.1)))
+        edit=dict(lam=2.0, guard=1e-6, min_alignment=0.1, coef_quantile=0.0, residual=False)))
     data = types.SimpleNamespace(factor_names=("cause", "confounder"))
     stage = didae.Stage(config, str(tmp_path), None, data, None, None, None, None,
-                        generate=lambda x, edit: np.asarray(edit(x)), writer=False)
+                        generate=lambda x, edit, residual=False: np.asarray(edit(x)), writer=False)
     clf = didae.Classifiers(None, None, None, None, None, student_probs, oracle, None)
     pred = np.argmax(student_probs(None, z, None), -1)
     idx = np.flatnonzero(pred == y)[:32]

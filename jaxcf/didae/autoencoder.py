@@ -90,9 +90,19 @@ class DiffusionAutoencoder:
         """
         return jax.vmap(self.decode, in_axes=(None, None, 0))(dec_params, x_T, z_edits)
 
-    def counterfactuals(self, enc_params, dec_params, x0: jax.Array, edit: Callable[[jax.Array], jax.Array]):
-        """Encode, invert, edit and decode: ``edit(z [B, D]) -> z' [K, B, D]``; returns (x' [K, B, ...], z, z')."""
+    def counterfactuals(self, enc_params, dec_params, x0: jax.Array, edit: Callable[[jax.Array], jax.Array],
+                        residual: bool = False):
+        """Encode, invert, edit and decode: ``edit(z [B, D]) -> z' [K, B, D]``; returns (x' [K, B, ...], z, z').
+
+        ``residual`` (a jaxcf addition): x' = clip(x0 + D(x_T, z') - D(x_T, z), -1, 1), the decoded
+        change added to the input, which keeps what the decoder does not reproduce (pixel noise,
+        its reconstruction bias) as in the input; one more decode per batch.
+        """
         z = self.encode(enc_params, x0)
         x_T = self.invert(dec_params, x0, z)
         z_edits = edit(z)
-        return self.decode_edits(dec_params, x_T, z_edits), z, z_edits
+        x_cf = self.decode_edits(dec_params, x_T, z_edits)
+        if residual:
+            rec = self.decode_edits(dec_params, x_T, z[None])[0]
+            x_cf = jnp.clip(x0[None] + x_cf - rec[None], -1.0, 1.0)
+        return x_cf, z, z_edits

@@ -8,6 +8,8 @@ Every function is pure jax.numpy and jittable; inputs are checked with clear err
 from __future__ import annotations
 
 import flax.struct
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,9 +104,11 @@ class AtomEdits:
     V: jax.Array
     alpha: jax.Array
     mu: jax.Array
+    lo: Optional[jax.Array] = None  # [K] bounds of the edited coefficient (z' - mu) . u_k, or None
+    hi: Optional[jax.Array] = None
 
     def __call__(self, z):
-        return apply_atom_edits(z, self.mu, self.U, self.V, self.alpha)
+        return apply_atom_edits(z, self.mu, self.U, self.V, self.alpha, self.lo, self.hi)
 
     def astype(self, dtype) -> "AtomEdits":
         return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), self)
@@ -117,27 +121,43 @@ def reflect_all(omega, mu) -> AtomEdits:
     return AtomEdits(omega, omega, jnp.full((omega.shape[1],), 2.0, omega.dtype), jnp.asarray(mu))
 
 
-def boundary_inversion(w, atoms, mu=None, lam: float = 2.0, eps: float = 1e-6, min_alignment: float = 0.0):
+def boundary_inversion(w, atoms, mu=None, lam: float = 2.0, eps: float = 1e-6, min_alignment: float = 0.0,
+                       bounds=None):
     """Algorithm 2: z'_k = z - lam (w^T (z - mu) / w^T u_k) u_k for each atom u_k (columns of atoms [D, K]).
 
     w [D] is the distilled probe on codes centred by mu (default 0). lam = 2 mirrors the probe's
     logit (w^T z' = -w^T z); lam = 1 lands on the boundary. Atoms that fail the guard
-    (:func:`atom_alignment`) get alpha = 0 (left unedited). Returns (AtomEdits, valid [K]).
+    (:func:`atom_alignment`) get alpha = 0 (left unedited). ``bounds`` = (lo, hi) [K] (from
+    :func:`coefficient_bounds`; a jaxcf addition, None = the paper's edit) keeps the edited
+    coefficient (z' - mu) . u_k inside the range the codes occupy. Returns (AtomEdits, valid [K]).
     """
     wu, valid = atom_alignment(w, atoms, eps, min_alignment)
     alpha = jnp.where(valid, lam / jnp.where(valid, wu, 1.0), 0.0)
     V = jnp.broadcast_to(w[:, None], atoms.shape)
     mu = jnp.zeros(atoms.shape[0], atoms.dtype) if mu is None else jnp.asarray(mu)
-    return AtomEdits(atoms, V, alpha, mu), valid
+    lo, hi = (None, None) if bounds is None else (jnp.asarray(bounds[0]), jnp.asarray(bounds[1]))
+    return AtomEdits(atoms, V, alpha, mu, lo, hi), valid
 
 
-def apply_atom_edits(z, mu, U, V, alpha):
+def coefficient_bounds(atoms, mu, z_fit, quantile: float):
+    """(lo, hi) [K]: the ``quantile`` and 1 - ``quantile`` quantiles of each atom's coefficient
+    (z - mu) . u_k over the fit codes z_fit [N, D] (the region the decoder was trained on)."""
+    c = (np.asarray(z_fit, np.float64) - np.asarray(mu, np.float64)) @ np.asarray(atoms, np.float64)
+    return (np.quantile(c, quantile, axis=0).astype(np.float32), np.quantile(c, 1 - quantile, axis=0).astype(np.float32))
+
+
+def apply_atom_edits(z, mu, U, V, alpha, lo=None, hi=None):
     """z'_k = z - alpha_k ((z - mu) . v_k) u_k (see :class:`AtomEdits`).
 
     Reflection: v_k = u_k = omega_k, alpha_k = 2. Algorithm 2 on centred codes: v_k = w,
-    alpha_k = lam / (w . u_k). z: [B, D]; mu: [D]; U, V: [D, K]; alpha: [K] -> [K, B, D].
+    alpha_k = lam / (w . u_k). With bounds lo, hi [K] (orthonormal U) the new coefficient
+    c_k - s_k along u_k is clipped to [lo_k, hi_k]: the step becomes c_k - clip(c_k - s_k).
+    z: [B, D]; mu: [D]; U, V: [D, K]; alpha: [K] -> [K, B, D].
     """
     s = ((z - mu) @ V) * alpha  # [B, K]
+    if lo is not None:
+        c = (z - mu) @ U
+        s = c - jnp.clip(c - s, lo, hi)
     return z[None] - jnp.einsum("bk,dk->kbd", s, U)
 
 

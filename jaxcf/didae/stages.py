@@ -17,8 +17,8 @@ import numpy as np
 from jaxcf.data.confounded import ConfoundedData, images_of, square_factors
 from jaxcf.didae import cfkd, controls
 from jaxcf.didae.classifiers import classification_loss, oracle_classifier, student_classifier, train_classifier
-from jaxcf.didae.dictionary import (boundary_inversion, edit_lengths, procrustes_dictionary, reflect_all,
-                                    svd_dictionary)
+from jaxcf.didae.dictionary import (boundary_inversion, coefficient_bounds, edit_lengths, procrustes_dictionary,
+                                    reflect_all, svd_dictionary)
 from jaxcf.didae.report import save_counterfactuals
 from jaxcf.train.batched import batched
 from jaxcf.utils import io
@@ -150,10 +150,16 @@ def explain(s: Stage, clf: Classifiers, kind: str, omega, mu, eval_x, inputs: In
     # Algorithm 2 for the student, on the inputs it gets right
     w = cfkd.distill_probe(z_train - mu, pred_train)
     out["probe_agreement"] = cfkd.probe_agreement(z_train - mu, w, pred_train)
+    bounds = coefficient_bounds(omega, mu, z_fit, c.edit.coef_quantile) if c.edit.coef_quantile > 0 else None
     edit, valid = boundary_inversion(jnp.asarray(w), jnp.asarray(omega), mu, c.edit.lam, c.edit.guard,
-                                     c.edit.min_alignment)
+                                     c.edit.min_alignment, bounds)
+    if bounds is not None:  # how many edits the bound changed, per atom
+        c_new = np.asarray(jnp.einsum("kbd,dk->kb", edit(jnp.asarray(inputs.z)) - jnp.asarray(mu), jnp.asarray(omega)))
+        raw = boundary_inversion(jnp.asarray(w), jnp.asarray(omega), mu, c.edit.lam, c.edit.guard, c.edit.min_alignment)[0]
+        c_raw = np.asarray(jnp.einsum("kbd,dk->kb", raw(jnp.asarray(inputs.z)) - jnp.asarray(mu), jnp.asarray(omega)))
+        out["edits_clipped_per_atom"] = np.mean(~np.isclose(c_new, c_raw, atol=1e-4), axis=1).tolist()
     t0 = time.time()
-    x_cf = s.generate(inputs.x, edit)
+    x_cf = s.generate(inputs.x, edit, residual=c.edit.residual)
     seconds = time.time() - t0
     K = x_cf.shape[0]
     out["cf_per_second"] = K * len(inputs.x) / seconds

@@ -65,6 +65,8 @@ def validate(config) -> None:
     cfgs.check_range(c, "decoder.train.ema_decay", 0.0, 1.0, high_open=True)
     cfgs.check_range(c, "edit.lam", 0.0, 10.0, low_open=True)
     cfgs.check_range(c, "edit.min_alignment", 0.0, 1.0, high_open=True)
+    cfgs.check_range(c, "edit.coef_quantile", 0.0, 0.5, high_open=True)
+    cfgs.check_choice(c, "edit.residual", (True, False))
     for field in ("cfkd.add_true", "cfkd.ground_truth", "eval.controls"):
         cfgs.check_choice(c, field, (True, False))
     cfgs.check_range(c, "cfkd.mix", 0.0, 1.0, high_open=True)
@@ -132,14 +134,13 @@ def load_stage(config, workdir: str, mesh) -> Stage:
     eb = config.eval.batch_size
     encode = batched(lambda p, x: ae.encode(p, x), mesh, max(eb, config.eval.encode_batch_size))
 
-    def cf_fn(params, x, edit):  # one compiled program for every linear atom edit
-        return ae.counterfactuals(params[0], params[1], x, edit)[0]
+    # one compiled program for every linear atom edit (per residual setting)
+    make_cfs = {r: batched(lambda p, x, edit, r=r: ae.counterfactuals(p[0], p[1], x, edit, residual=r)[0], mesh, eb)
+                for r in (False, True)}
 
-    make_cfs = batched(cf_fn, mesh, eb)
-
-    def generate(x, edit):
+    def generate(x, edit, residual: bool = False):
         """x' [K, B, ...] for inputs x [B, ...]: encode, invert and decode all K atoms in one call."""
-        return make_cfs((enc_params, dec_params), x, edit.astype(jnp.float32), axis=1)
+        return make_cfs[residual]((enc_params, dec_params), x, edit.astype(jnp.float32), axis=1)
 
     return Stage(config, workdir, mesh, data, ae, enc_params, dec_params, encode, generate, jax.process_index() == 0)
 
