@@ -52,7 +52,7 @@ def real_config(assets):
     c.data.update(name="tfds:eurosat", data_dir=str(root / "tfds"), shots=2, resolution=32, base_classes=(),
                   novel_classes=(), max_test_examples=12)
     c.foundation.update(kind="pretrained", clip_checkpoint=str(clip_dir), diffusion_checkpoint=str(sd))
-    c.counterfactual.update(batch_size=4, ddim_steps=3)
+    c.counterfactual.update(batch_size=4, ddim_steps=3, guide_on="x0")  # CLIP guidance: no noise-aware classifier here
     c.train.update(batch_size=4, steps=4)
     c.prompt.init_text = ""  # the tiny character-level tokenizer makes "a photo of a" 9 tokens
     return c

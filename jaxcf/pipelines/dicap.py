@@ -124,7 +124,9 @@ def counterfactuals(found: Foundation, x: np.ndarray, y_cf: np.ndarray, text_fea
     sharded batches. The anti-causal predictor: frozen CLIP zero-shot on x0_hat (guide_on="x0") or
     the foundation's noise-aware classifier on x_t ("xt"), restricted to ``class_names``."""
     check_batch_divisible(cfg.batch_size, mesh, "config.counterfactual.batch_size")
-    classes = None if class_names is None else [found.class_index(n) for n in class_names]
+    classes = None
+    if cfg.guide_on == "xt" and class_names is not None:  # the noise-aware classifier's outputs for these classes
+        classes = [found.class_index(n) for n in class_names]
 
     def gen(params, xy, text_feats):
         dp, clip_params, nac_params = params
