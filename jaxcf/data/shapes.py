@@ -185,6 +185,15 @@ def _other_color(avoid: np.ndarray, rng) -> np.ndarray:
     return c + (c >= avoid)
 
 
+def _biased_backgrounds(classes, per_class: int, bias: float, rng) -> tuple[np.ndarray, np.ndarray]:
+    """(shape, background) [len(classes) * per_class], class-major: in each class the first
+    round(bias * per_class) on the class's assigned background, the rest on another colour."""
+    shape = np.repeat(np.asarray(classes), per_class)
+    is_biased = np.tile(np.arange(per_class) < int(round(bias * per_class)), len(classes))
+    own = np.array([assigned_background(s) for s in shape])
+    return shape, np.where(is_biased, own, _other_color(own, rng))
+
+
 def shapes_dataset(split: str = "pretrain", *, num_examples: int = 5000, shots: int = 16,
                    bias: float = 0.9, num_per_class: int = 100, resolution: int = 32,
                    caption_layout: bool = False, object_size: tuple[int, int] | None = None,
@@ -231,11 +240,7 @@ def shapes_dataset(split: str = "pretrain", *, num_examples: int = 5000, shots: 
             background = np.where(pick, own, background)
     elif split == "fewshot":
         classes = BASE_CLASSES
-        shape = np.repeat(np.asarray(classes), shots)
-        n_bias = int(round(bias * shots))
-        is_biased = np.tile(np.arange(shots) < n_bias, len(classes))
-        own = np.array([assigned_background(s) for s in shape])
-        background = np.where(is_biased, own, _other_color(own, rng))
+        shape, background = _biased_backgrounds(classes, shots, bias, rng)
     elif split == "test_conflict":
         classes = BASE_CLASSES
         shape = _balanced(classes, num_per_class, rng)
@@ -246,11 +251,7 @@ def shapes_dataset(split: str = "pretrain", *, num_examples: int = 5000, shots: 
         background = np.array([assigned_background(classes[o]) for o in other])
     elif split == "test_base" and test_bias is not None:
         classes = BASE_CLASSES
-        shape = np.repeat(np.asarray(classes), num_per_class)
-        n_bias = int(round(test_bias * num_per_class))
-        is_biased = np.tile(np.arange(num_per_class) < n_bias, len(classes))
-        own = np.array([assigned_background(s) for s in shape])
-        background = np.where(is_biased, own, _other_color(own, rng))
+        shape, background = _biased_backgrounds(classes, num_per_class, test_bias, rng)
         perm = rng.permutation(len(shape))
         shape, background = shape[perm], background[perm]
     else:
