@@ -5,11 +5,11 @@ import json
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from jaxcf.data.captions import (CaptionData, coco_examples_to_captions, karpathy_captions,
                                  pair_relevance, tfds_coco_captions)
+from tests.errors import one_line_error
 
 # (filename, filepath, split, cocoid, colour, size, captions)
 COCO = [
@@ -41,13 +41,6 @@ def _write_coco(tmp_path, entries=COCO, skip_files=()):
     split_file.write_text(json.dumps({"images": images, "dataset": "coco"}))
     return split_file, root
 
-
-def _one_line_error(fn, *args, **kwargs) -> str:
-    with pytest.raises(ValueError) as e:
-        fn(*args, **kwargs)
-    message = str(e.value)
-    assert "\n" not in message and message
-    return message
 
 
 def test_coco_test_split(tmp_path):
@@ -89,7 +82,7 @@ def test_relevance_by_text():
                        np.array([0, 1, 2, 2], np.int32))
     np.testing.assert_array_equal(data.relevance("text"), [[1, 0, 1, 0], [0, 1, 0, 0],
                                                            [1, 0, 1, 1]])
-    assert "allowed" in _one_line_error(data.relevance, "caption")
+    assert "allowed" in one_line_error(data.relevance, "caption")
 
 
 def test_flickr_layout_one_folder(tmp_path):
@@ -111,32 +104,32 @@ def test_flickr_layout_one_folder(tmp_path):
 def test_bad_input_one_line(tmp_path):
     split_file, root = _write_coco(tmp_path)
     missing = tmp_path / "nope.json"
-    assert str(missing) in _one_line_error(karpathy_captions, missing, root)
-    assert "allowed" in _one_line_error(karpathy_captions, split_file, root, "testing")
-    assert str(tmp_path / "noimages") in _one_line_error(karpathy_captions, split_file,
+    assert str(missing) in one_line_error(karpathy_captions, missing, root)
+    assert "allowed" in one_line_error(karpathy_captions, split_file, root, "testing")
+    assert str(tmp_path / "noimages") in one_line_error(karpathy_captions, split_file,
                                                          tmp_path / "noimages")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    assert "not valid JSON" in _one_line_error(karpathy_captions, bad, root)
+    assert "not valid JSON" in one_line_error(karpathy_captions, bad, root)
     bad.write_text(json.dumps({"annotations": []}))
-    assert "'images'" in _one_line_error(karpathy_captions, bad, root)
+    assert "'images'" in one_line_error(karpathy_captions, bad, root)
     bad.write_text(json.dumps({"images": [{"filename": "x.jpg", "split": "test"}]}))
-    assert "sentences" in _one_line_error(karpathy_captions, bad, root)
+    assert "sentences" in one_line_error(karpathy_captions, bad, root)
     # An empty split.
     only_test = [e for e in COCO if e[2] == "test"]
     split_file2, root2 = _write_coco(tmp_path / "b", only_test)
-    msg = _one_line_error(karpathy_captions, split_file2, root2, "val")
+    msg = one_line_error(karpathy_captions, split_file2, root2, "val")
     assert "no images" in msg and str(split_file2) in msg
     # Captions whose image file is missing: counted, and the first path named.
     split_file3, root3 = _write_coco(tmp_path / "c", skip_files=(COCO[1][0],))
-    msg = _one_line_error(karpathy_captions, split_file3, root3, "test")
+    msg = one_line_error(karpathy_captions, split_file3, root3, "test")
     assert msg.startswith("2 captions") and os.path.join(root3, "val2014", COCO[1][0]) in msg
 
 
 def test_tfds_coco_captions_not_prepared(tmp_path):
-    msg = _one_line_error(tfds_coco_captions, "test", data_dir=str(tmp_path))
+    msg = one_line_error(tfds_coco_captions, "test", data_dir=str(tmp_path))
     assert f"data_dir={str(tmp_path)!r}" in msg and "coco_captions" in msg
-    assert "allowed" in _one_line_error(tfds_coco_captions, "validation", data_dir=str(tmp_path))
+    assert "allowed" in one_line_error(tfds_coco_captions, "validation", data_dir=str(tmp_path))
 
 
 def test_tfds_examples_to_captions():

@@ -9,14 +9,8 @@ from PIL import Image
 
 from jaxcf.data.vqa import (answer_scores, answer_vocabulary, coco_image_path, normalize_answer,
                             vqa_accuracy, vqa_v2)
+from tests.errors import one_line_error
 
-
-def _one_line_error(fn, *args, **kwargs) -> str:
-    with pytest.raises(ValueError) as e:
-        fn(*args, **kwargs)
-    message = str(e.value)
-    assert "\n" not in message and message
-    return message
 
 
 def test_normalize_answer():
@@ -47,7 +41,7 @@ def test_answer_scores_and_vocabulary():
     answers = ["yes", "no", "Yes", "two", "2", "cat", "dog", "dog"]
     assert answer_vocabulary(answers, 3) == ("2", "dog", "yes")  # counts 2, 2, 2; then alphabetic
     assert answer_vocabulary(answers, 10) == ("2", "dog", "yes", "cat", "no")
-    assert "top_k" in _one_line_error(answer_vocabulary, answers, 0)
+    assert "top_k" in one_line_error(answer_vocabulary, answers, 0)
 
 
 # question_id, image_id, question, question_type, answer_type, multiple_choice_answer, answers
@@ -129,29 +123,29 @@ def test_given_vocabulary_subset_and_no_annotations(tmp_path):
 def test_bad_input_one_line(tmp_path):
     qfile, afile, root = _write_vqa(tmp_path)
     missing = tmp_path / "missing_questions.json"
-    assert str(missing) in _one_line_error(vqa_v2, missing, root, afile)
-    assert str(tmp_path / "none.json") in _one_line_error(vqa_v2, qfile, root,
+    assert str(missing) in one_line_error(vqa_v2, missing, root, afile)
+    assert str(tmp_path / "none.json") in one_line_error(vqa_v2, qfile, root,
                                                           tmp_path / "none.json")
-    assert str(tmp_path / "noroot") in _one_line_error(vqa_v2, qfile, tmp_path / "noroot", afile)
+    assert str(tmp_path / "noroot") in one_line_error(vqa_v2, qfile, tmp_path / "noroot", afile)
     # Answer vocabulary mismatches.
-    assert "none of the 5" in _one_line_error(vqa_v2, qfile, root, afile, vocab=["dog", "horse"])
-    assert "repeats 'yes'" in _one_line_error(vqa_v2, qfile, root, afile, vocab=["yes", "no", "yes"])
-    assert "top_k=3" in _one_line_error(vqa_v2, qfile, root, afile, vocab=["yes", "no"], top_k=3)
-    assert "'Yes'" in _one_line_error(vqa_v2, qfile, root, afile, vocab=["Yes", "no"])
-    assert "is empty" in _one_line_error(vqa_v2, qfile, root, afile, vocab=[])
-    assert str(tmp_path / "v.txt") in _one_line_error(vqa_v2, qfile, root, afile,
+    assert "none of the 5" in one_line_error(vqa_v2, qfile, root, afile, vocab=["dog", "horse"])
+    assert "repeats 'yes'" in one_line_error(vqa_v2, qfile, root, afile, vocab=["yes", "no", "yes"])
+    assert "top_k=3" in one_line_error(vqa_v2, qfile, root, afile, vocab=["yes", "no"], top_k=3)
+    assert "'Yes'" in one_line_error(vqa_v2, qfile, root, afile, vocab=["Yes", "no"])
+    assert "is empty" in one_line_error(vqa_v2, qfile, root, afile, vocab=[])
+    assert str(tmp_path / "v.txt") in one_line_error(vqa_v2, qfile, root, afile,
                                                       vocab=tmp_path / "v.txt")
-    assert "vocab=" in _one_line_error(vqa_v2, qfile, root, None)
+    assert "vocab=" in one_line_error(vqa_v2, qfile, root, None)
     # A question without its annotation; questions whose image is missing; no questions.
     q2, a2, r2 = _write_vqa(tmp_path / "b", drop_annotation=103)
-    msg = _one_line_error(vqa_v2, q2, r2, a2)
+    msg = one_line_error(vqa_v2, q2, r2, a2)
     assert "1 questions" in msg and "question_id 103" in msg and str(a2) in msg
     q3, a3, r3 = _write_vqa(tmp_path / "c", skip_images=(7,))
-    msg = _one_line_error(vqa_v2, q3, r3, a3)
+    msg = one_line_error(vqa_v2, q3, r3, a3)
     assert msg.startswith("2 questions") and coco_image_path(str(r3), "val2014", 7) in msg
     assert "COCO_val2014_000000000007.jpg" in msg
     q4, a4, r4 = _write_vqa(tmp_path / "d", qa=[])
-    assert "no questions" in _one_line_error(vqa_v2, q4, r4, a4)
+    assert "no questions" in one_line_error(vqa_v2, q4, r4, a4)
     q5, a5, r5 = _write_vqa(tmp_path / "e", subtype=None)
-    assert "image_split" in _one_line_error(vqa_v2, q5, r5, a5)
+    assert "image_split" in one_line_error(vqa_v2, q5, r5, a5)
     assert vqa_v2(q5, r5, a5, image_split="val2014", resolution=4).num_questions == 5

@@ -6,13 +6,8 @@ import pytest
 
 from jaxcf.data import shapes as S
 from jaxcf.data import shapes_tasks as T
+from tests.errors import one_line_error
 
-
-def _one_line_error(fn, *args, **kwargs) -> str:
-    with pytest.raises(ValueError) as e:
-        fn(*args, **kwargs)
-    assert "\n" not in str(e.value)
-    return str(e.value)
 
 
 def test_retrieval_splits_and_captions():
@@ -33,8 +28,8 @@ def test_retrieval_splits_and_captions():
     assert conflict.num_images == 18 and conflict.info["aligned"].sum() == 0
     test = T.shapes_retrieval("test", num_per_class=2, seed=1)
     assert set(test.info["factors"][:, 0]) == set(range(len(S.SHAPE_NAMES)))
-    assert "allowed" in _one_line_error(T.shapes_retrieval, "fewshot")
-    assert "allowed" in _one_line_error(T.shapes_retrieval, caption_styles=("fancy",))
+    assert "allowed" in one_line_error(T.shapes_retrieval, "fewshot")
+    assert "allowed" in one_line_error(T.shapes_retrieval, caption_styles=("fancy",))
 
 
 def test_vqa_questions_answers():
@@ -60,7 +55,7 @@ def test_vqa_questions_answers():
     assert data.accuracy(data.label)["overall"] == 1.0
     mask = data.info["type_answer_mask"]
     assert mask.shape == (k, len(T.ANSWERS)) and mask.sum(1).tolist() == [12, 10, 10, 2, 9]
-    assert _one_line_error(T.shapes_vqa, question_types=("count",)).startswith("question_types")
+    assert one_line_error(T.shapes_vqa, question_types=("count",)).startswith("question_types")
     sub = T.shapes_vqa("train", question_types=("background", "shape"), shots=4)
     assert sub.num_questions == 2 * 24 and sub.info["aligned"].mean() == 1.0
 
@@ -102,8 +97,8 @@ def test_counterfactuals_deterministic_and_checked():
         np.testing.assert_array_equal(a[key], b[key])
     one = T.question_counterfactuals(f[:3], "shape")
     assert one["valid"].all() and (one["factors"][:, 0] != f[:3, 0]).all()
-    assert "entries" in _one_line_error(T.question_counterfactuals, f[:3], ["shape"])
-    assert "allowed" in _one_line_error(T.question_counterfactuals, f[:1], ["count"])
+    assert "entries" in one_line_error(T.question_counterfactuals, f[:3], ["shape"])
+    assert "allowed" in one_line_error(T.question_counterfactuals, f[:1], ["count"])
     # An object as large as the image has nowhere else to go.
     big = np.array([[0, 1, 2, 32, 0, 0]], np.int32)
     assert not T.question_counterfactuals(big, "position")["valid"][0]
