@@ -22,19 +22,18 @@ from absl import logging
 
 from jaxcf import configs as cfgs
 from jaxcf.data.shapes import SHAPE_NAMES, judge_shapes, render_shapes, with_shape
-from jaxcf.dicap.noise_aware import noise_aware_log_prob
-from jaxcf.dicap.counterfactuals import CF_TARGETS, clip_zero_shot_log_prob, generate_counterfactuals, \
-    sample_target_classes
+from jaxcf.dicap.counterfactuals import CF_TARGETS
 from jaxcf.dicap.estimation import PromptSetup, prompt_accuracy, train_prompts
 from jaxcf.dicap.losses import class_cosines
 from jaxcf.dicap.metrics import accuracy, argmax_flip_rate, counterfactual_latent_divergence, harmonic_mean
 from jaxcf.dicap.prompts import PROMPT_MODES
 from jaxcf.dicap.report import write_report
+from jaxcf.dicap.runs import cached_counterfactuals, counterfactual_key, counterfactuals  # noqa: F401 (moved)
+from jaxcf.dicap.runs import mean_std as _mean_std
 from jaxcf.dicap.sources import few_shot_source
 from jaxcf.diffusion.ddim import GUIDE_ON
-from jaxcf.foundation import ASSETS, Foundation, build_foundation, encode_images, template_text_features
-from jaxcf.train import check_batch_divisible, tree_digest
-from jaxcf.train.batched import batched
+from jaxcf.foundation import ASSETS, build_foundation, encode_images, template_text_features
+from jaxcf.train import tree_digest
 from jaxcf.utils import io
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -115,67 +114,6 @@ def validate(config) -> None:
                                f"{n_shots} few-shot examples (data.shots x base classes)")
 
 
-# ----------------------------------------------------------------------------- action
-
-
-def counterfactuals(found: Foundation, x: np.ndarray, y_cf: np.ndarray, text_feats, cfg, mesh, desc: str,
-                    param_sharding: str = "replicated", class_names=None):
-    """Counterfactuals of x [N, H, W, 3] toward y_cf [N] (indices into ``class_names``), generated in
-    sharded batches. The anti-causal predictor: frozen CLIP zero-shot on x0_hat (guide_on="x0") or
-    the foundation's noise-aware classifier on x_t ("xt"), restricted to ``class_names``."""
-    check_batch_divisible(cfg.batch_size, mesh, "config.counterfactual.batch_size")
-    classes = None
-    if cfg.guide_on == "xt" and class_names is not None:  # the noise-aware classifier's outputs for these classes
-        classes = [found.class_index(n) for n in class_names]
-
-    def gen(params, xy, text_feats):
-        dp, clip_params, nac_params = params
-        if cfg.guide_on == "xt":
-            lp = noise_aware_log_prob(found.noise_classifier, nac_params, classes)
-        else:
-            lp = clip_zero_shot_log_prob(found.clip, clip_params, text_feats, found.to_clip, cfg.logit_scale)
-        enc = None if found.encode is None else (lambda im: found.encode(dp, im))
-        dec = None if found.decode is None else (lambda z: found.decode(dp, z))
-        return generate_counterfactuals(found.eps_fn(dp), lp, xy[0], xy[1], cfg.scale, found.schedule,
-                                        cfg.ddim_steps, cfg.depth, encode=enc, decode=dec, guide_on=cfg.guide_on)
-
-    run = batched(gen, mesh, cfg.batch_size, param_sharding=param_sharding, desc=desc)
-    x_cf = run((found.diffusion_params, found.clip_params, found.noise_classifier_params),
-               (x, np.asarray(y_cf, np.int32)), text_feats)
-    return np.clip(x_cf, -1.0, 1.0)
-
-
-def counterfactual_key(config, seed: int, x, text_feats, foundation_digest: str) -> str:
-    """Everything that shapes a seed's counterfactuals, hashed: the counterfactual settings (all of
-    ``config.counterfactual`` but its batch size: guidance scale, depth, steps, target, template,
-    logit scale, ...), the dtype, the foundation weights, the class text features and the shots."""
-    import hashlib
-
-    cf = {k: v for k, v in config.counterfactual.to_dict().items() if k != "batch_size"}
-    parts = dict(seed=seed, counterfactual=cf, dtype=config.dtype, foundation=foundation_digest,
-                 text_features=tree_digest(np.asarray(text_feats)), shots=tree_digest(x))
-    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def cached_counterfactuals(found, x, y, text_feats, config, seed, workdir, mesh, foundation_digest: str,
-                           class_names=None):
-    """(x_cf, y_cf), from ``workdir/counterfactuals/*.npz`` when the same settings made them before
-    (the file name holds :func:`counterfactual_key`)."""
-    cf = config.counterfactual
-    key = counterfactual_key(config, seed, x, text_feats, foundation_digest)
-    path = io.join(workdir, "counterfactuals", f"seed{seed}_{cf.target}_s{cf.scale:g}_{key}.npz")
-    if io.exists(path):
-        z = io.read_npz(path)
-        if z["x"].shape == x.shape and np.array_equal(z["x"], x):
-            return z["x_cf"], z["y_cf"]
-    y_cf = np.asarray(sample_target_classes(jnp.asarray(y), text_feats, cf.target, jax.random.key(seed + 17)))
-    x_cf = counterfactuals(found, x, y_cf, text_feats, cf, mesh, desc=f"counterfactuals (seed {seed})",
-                           param_sharding=config.param_sharding, class_names=class_names)
-    if io.is_writer():
-        io.write_npz(path, x=x, x_cf=x_cf, y_cf=y_cf)
-    return x_cf, y_cf
-
-
 # ----------------------------------------------------------------------------- estimation
 
 
@@ -196,11 +134,6 @@ def _run_key(config, seed: int, method: str, foundation_digest: str) -> str:
         parts["counterfactual"] = "ground_truth"
     digest = hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"seed{seed}_{method}_{digest}"
-
-
-def _mean_std(rows, key):
-    v = np.array([r[key] for r in rows], np.float64)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
 
 
 def run(config, workdir: str, mesh):
