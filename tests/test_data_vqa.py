@@ -102,6 +102,9 @@ def test_load_and_accuracy(tmp_path):
     assert acc["type/how many"] == 1.0 and acc["type/what is"] == pytest.approx(2 / 3)
     for q, p in enumerate(pred):
         assert data.scores[q, p] == pytest.approx(vqa_accuracy(data.vocab[p], data.human_answers[q]))
+    # -1 = no answer (e.g. a question type without candidates): scores 0, not the last answer's score
+    no_answer = data.accuracy(np.array([3, 0, 0, 2, -1]))
+    assert no_answer["overall"] == pytest.approx(3 / 5) and no_answer["type/what is"] == 0.0
     batch = data.image_batch(data.question_image[:2])
     assert batch.shape == (2, 8, 8, 3) and batch.min() >= -1 and batch.max() <= 1
 

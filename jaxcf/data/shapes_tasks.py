@@ -40,6 +40,12 @@ QUESTION_FACTORS = {"shape": (0,), "color": (1,), "background": (2,), "size": (3
 SIZE_NAMES = ("small", "large")
 POSITION_NAMES = ("top left", "top", "top right", "left", "center", "right", "bottom left",
                   "bottom", "bottom right")
+# Question-answer statements in the toy CLIP's vocabulary (its word tokenizer knows no question
+# words), one per question type: the text a (question, candidate answer) prompt scores, as CPL
+# turns a question and an answer into a statement.
+STATEMENTS = {"shape": "a photo of a {answer}", "color": "a photo of a {answer}",
+              "background": "on a {answer} background", "size": "a {answer} photo",
+              "position": "at the {answer}"}
 CANDIDATES = {"shape": SHAPE_NAMES, "color": COLOR_NAMES, "background": COLOR_NAMES,
               "size": SIZE_NAMES, "position": POSITION_NAMES}
 ANSWERS = tuple(dict.fromkeys(SHAPE_NAMES + COLOR_NAMES + SIZE_NAMES + POSITION_NAMES))

@@ -136,12 +136,13 @@ class VQAData:
         return to_model_range(self.images[np.asarray(indices, dtype=np.int64)])
 
     def accuracy(self, predicted: np.ndarray) -> dict[str, float]:
-        """VQA accuracy of predicted vocabulary indices int [Nq]: "overall" and one entry per
-        question type ("type/<question_type>") and answer type ("answer_type/<answer_type>")."""
+        """VQA accuracy of predicted vocabulary indices int [Nq] (-1: no answer, scores 0): "overall"
+        and one entry per question type ("type/<question_type>") and answer type
+        ("answer_type/<answer_type>")."""
         predicted = np.asarray(predicted, dtype=np.int64)
         if predicted.shape != (self.num_questions,):
             raise ValueError(f"predicted must be [{self.num_questions}], got {predicted.shape}")
-        acc = self.scores[np.arange(self.num_questions), predicted]
+        acc = np.where(predicted >= 0, self.scores[np.arange(self.num_questions), np.maximum(predicted, 0)], 0.0)
         out = {"overall": float(acc.mean()) if len(acc) else 0.0}
         for prefix, groups in (("type", self.question_types), ("answer_type", self.answer_types)):
             groups = np.asarray(groups, dtype=object).astype(str)

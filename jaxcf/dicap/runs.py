@@ -20,22 +20,27 @@ from jaxcf.utils import io
 def counterfactuals(found: Foundation, x: np.ndarray, y_cf: np.ndarray, text_feats, cfg, mesh, desc: str,
                     param_sharding: str = "replicated", class_names=None):
     """Counterfactuals of x [N, H, W, 3] toward y_cf [N] (indices into ``class_names``), generated in
-    sharded batches. The anti-causal predictor: frozen CLIP zero-shot on x0_hat (guide_on="x0") or
-    the foundation's noise-aware classifier on x_t ("xt"), restricted to ``class_names``."""
+    sharded batches. The anti-causal predictor: frozen CLIP zero-shot on x0_hat (guide_on="x0"),
+    the foundation's noise-aware classifier on x_t ("xt"), restricted to ``class_names``, or the
+    classifier implied by the foundation's class-conditional diffusion model ("implicit")."""
     check_batch_divisible(cfg.batch_size, mesh, "config.counterfactual.batch_size")
     classes = None
-    if cfg.guide_on == "xt" and class_names is not None:  # the noise-aware classifier's outputs for these classes
+    if cfg.guide_on in ("xt", "implicit") and class_names is not None:  # the foundation's indices of these classes
         classes = [found.class_index(n) for n in class_names]
 
     def gen(params, xy, text_feats):
         dp, clip_params, nac_params = params
-        if cfg.guide_on == "xt":
+        y = xy[1]
+        if cfg.guide_on == "implicit":
+            lp = None
+            y = y if classes is None else jnp.asarray(classes, jnp.int32)[y]
+        elif cfg.guide_on == "xt":
             lp = noise_aware_log_prob(found.noise_classifier, nac_params, classes)
         else:
             lp = clip_zero_shot_log_prob(found.clip, clip_params, text_feats, found.to_clip, cfg.logit_scale)
         enc = None if found.encode is None else (lambda im: found.encode(dp, im))
         dec = None if found.decode is None else (lambda z: found.decode(dp, z))
-        return generate_counterfactuals(found.eps_fn(dp), lp, xy[0], xy[1], cfg.scale, found.schedule,
+        return generate_counterfactuals(found.eps_fn(dp), lp, xy[0], y, cfg.scale, found.schedule,
                                         cfg.ddim_steps, cfg.depth, encode=enc, decode=dec, guide_on=cfg.guide_on)
 
     run = batched(gen, mesh, cfg.batch_size, param_sharding=param_sharding, desc=desc)
@@ -79,3 +84,29 @@ def mean_std(rows, key):
     """{"mean", "std"} of ``row[key]`` over the per-seed rows (std with ddof=1; 0 for one seed)."""
     v = np.array([r[key] for r in rows], np.float64)
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+
+
+def foundation_digest(found: Foundation) -> str:
+    """A digest of the foundation's weights and schedule: keys the counterfactual and prompt caches."""
+    weights = (found.clip_params, found.diffusion_params, found.schedule)
+    if found.noise_classifier_params is not None:
+        weights += (found.noise_classifier_params,)
+    return tree_digest(weights)
+
+
+def prompt_run_dir(config, seed: int, method: str, foundation_digest: str) -> str:
+    """A folder name per prompt-learning run (``seed{seed}_{method}_{digest}``): a rerun with other
+    settings must not resume it. CoOp ignores lambda; DiCap depends on the generator's settings;
+    "dicap_gt" (ground-truth counterfactuals) does not."""
+    import hashlib
+
+    parts = {"seed": seed, "train": config.train.to_dict(), "prompt": config.prompt.to_dict(),
+             "data": config.data.to_dict(), "foundation": foundation_digest, "dtype": config.dtype}
+    if method == "coop":
+        parts["train"].pop("lam")
+    elif method == "dicap":
+        parts["counterfactual"] = config.counterfactual.to_dict()
+    elif method == "dicap_gt":
+        parts["counterfactual"] = "ground_truth"
+    digest = hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"seed{seed}_{method}_{digest}"

@@ -13,6 +13,8 @@ PIPELINES = {
     "diffusion": "jaxcf.pipelines.diffusion",
     "dicap": "jaxcf.pipelines.dicap",
     "didae": "jaxcf.pipelines.didae",
+    "retrieval": "jaxcf.pipelines.retrieval",
+    "vqa": "jaxcf.pipelines.vqa",
 }
 
 
