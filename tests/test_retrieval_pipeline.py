@@ -123,12 +123,13 @@ def test_retrieval_test_variant_end_to_end(tmp_path):
     assert saved["pipeline"] == "retrieval" and saved["per_seed"][0]["seed"] == 0
     assert set(saved["timing"]) >= {"compile_seconds", "run_seconds"}
     s = res["summary"]
-    for method in ("zeroshot", "coop", "dicap", "dicap_gt"):
+    for method in ("zeroshot", "init", "coop", "dicap", "dicap_gt"):
         for split in ("heldout", "conflict"):
             for way in ("i2t", "t2i"):
                 r = [s[f"{method}_{split}_{way}_R@{k}"]["mean"] for k in (1, 5, 10)]
                 assert 0.0 <= r[0] <= r[1] <= r[2] <= 1.0, (method, split, way, r)
     assert 0.0 <= s["cf_judge_flip_rate"]["mean"] <= 1.0 and s["cf_l1"]["mean"] > 0
+    assert s["dicap_final_l_cf"]["mean"] > 0 and "coop_final_l_cf" not in s  # CoOp has no counterfactual term
     md = open(os.path.join(work, "results.md")).read()
     assert "| DiCap (generated counterfactuals) |" in md and "bias-conflicting" in md
     assert os.listdir(os.path.join(work, "counterfactuals"))  # cached for a rerun

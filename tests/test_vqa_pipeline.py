@@ -141,12 +141,13 @@ def test_vqa_test_variant_end_to_end(tmp_path):
     assert saved["pipeline"] == "vqa" and saved["question_types"] == list(TYPES)
     assert set(saved["timing"]) >= {"compile_seconds", "run_seconds"}
     s = res["summary"]
-    for method in ("zeroshot", "coop", "dicap", "dicap_gt"):
+    for method in ("zeroshot", "init", "coop", "dicap", "dicap_gt"):
         for split in ("heldout", "conflict"):
             per_type = [s[f"{method}_{split}_{t}"]["mean"] for t in TYPES]
             assert all(0.0 <= a <= 1.0 for a in per_type)
             # every image is asked each type once: overall accuracy is the mean over types
             assert s[f"{method}_{split}_overall"]["mean"] == pytest.approx(np.mean(per_type), abs=1e-6)
     assert s["cf_question_fraction"]["mean"] == pytest.approx(0.2)  # the shape questions
+    assert s["dicap_gt_final_l_cf"]["mean"] > 0 and "coop_final_l_cf" not in s
     assert 0.5 < s["gt_question_fraction"]["mean"] <= 1.0
     assert "| DiCap, ground-truth counterfactuals (control) |" in open(os.path.join(work, "results.md")).read()

@@ -60,9 +60,9 @@ def validate_task(config) -> None:
     cfgs.check_int(config, "counterfactual.batch_size", 1)
     cfgs.check_choice(config, "counterfactual.target", CF_TARGETS)
     cfgs.check_choice(config, "counterfactual.guide_on", GUIDE_ON)
-    if cf.guide_on == "xt" and config.foundation.kind != "toy":
-        raise cfgs.ConfigError("config.counterfactual.guide_on='xt' needs a noise-aware classifier, which only "
-                               "config.foundation.kind='toy' trains; use guide_on='x0' (CLIP on x0_hat)")
+    if cf.guide_on != "x0" and config.foundation.kind != "toy":
+        raise cfgs.ConfigError(f"config.counterfactual.guide_on={cf.guide_on!r} needs a model only the toy foundation "
+                               "trains (config.foundation.kind='toy'); use guide_on='x0' (CLIP on x0_hat)")
     T = config.foundation.schedule.num_train_timesteps
     if cf.ddim_steps > round(cf.depth * T) - 1:
         raise cfgs.ConfigError(f"config.counterfactual.ddim_steps={cf.ddim_steps} exceeds the {round(cf.depth * T)} "

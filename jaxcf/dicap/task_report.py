@@ -11,7 +11,8 @@ from PIL import Image, ImageDraw
 from jaxcf.data.common import to_uint8
 from jaxcf.utils import io
 
-METHODS = (("zeroshot", "zero-shot CLIP"), ("coop", "CoOp (lambda = 0)"), ("dicap", "DiCap (generated counterfactuals)"),
+METHODS = (("zeroshot", "zero-shot CLIP"), ("init", "learned-prompt initialisation, untrained"),
+           ("coop", "CoOp (lambda = 0)"), ("dicap", "DiCap (generated counterfactuals)"),
            ("dicap_gt", "DiCap, ground-truth counterfactuals (control)"))
 
 
@@ -62,3 +63,11 @@ def example_sheet(path: str, columns: Sequence[np.ndarray], headers: Sequence[st
     buf = _io.BytesIO()
     sheet.save(buf, format="PNG")
     io.write_bytes(path, buf.getvalue())
+
+
+def final_loss_line(summary: dict) -> list[str]:
+    """One line with the counterfactual term L_cf at the last training step (per counterfactual set):
+    how much the hard negatives still separate from the factuals under the learned prompts."""
+    parts = [f"{label} {summary[f'{m}_final_l_cf']['mean']:.3f} ± {summary[f'{m}_final_l_cf']['std']:.3f}"
+             for m, label in (("dicap", "generated"), ("dicap_gt", "ground-truth")) if f"{m}_final_l_cf" in summary]
+    return [f"L_cf at the last training step: {', '.join(parts)}.", ""] if parts else []

@@ -52,6 +52,23 @@ def bucketed(texts: Sequence[str], multiple: int = 64) -> tuple[str, ...]:
     return texts + texts[-1:] * (-len(texts) % multiple)
 
 
+def initial_prompt(found: Foundation, config, rng) -> dict:
+    """The context before training: the embedding of ``config.prompt.init_text`` (or random)."""
+    return init_prompt_params(rng, found.clip, found.clip_params, found.tokenizer, 1, config.prompt.n_ctx,
+                              config.prompt.init_text or None, "unified")
+
+
+def final_metrics(run_dir: str) -> dict:
+    """The last logged training metrics of a :func:`fit_text_prompts` run ({} when none)."""
+    from jaxcf.utils import io
+
+    path = io.join(run_dir, "metrics.jsonl")
+    lines = io.read_text(path).strip().splitlines() if io.exists(path) else []
+    import json
+
+    return {k: v for k, v in json.loads(lines[-1]).items() if k not in ("step", "time")} if lines else {}
+
+
 def fit_text_prompts(found: Foundation, setup: PromptSetup, task_loss: Callable, batch_fn: Callable, config,
                      seed: int, workdir: str, mesh, desc: str):
     """Learns the shared context on precomputed image features; CLIP stays frozen.
@@ -62,10 +79,6 @@ def fit_text_prompts(found: Foundation, setup: PromptSetup, task_loss: Callable,
     tc = config.train
     scale = found.clip.logit_scale(found.clip_params)
 
-    def init(rng):
-        return init_prompt_params(rng, found.clip, found.clip_params, found.tokenizer, len(setup.tmpl.token_ids),
-                                  config.prompt.n_ctx, config.prompt.init_text or None, "unified")
-
     def loss_fn(pp, batch, rng, frozen):
         # the texts' frozen embeddings and EOS positions come in as arguments, not as constants of
         # the compiled step (which then serves every seed's texts of the same count)
@@ -74,7 +87,7 @@ def fit_text_prompts(found: Foundation, setup: PromptSetup, task_loss: Callable,
                          batch, scale)
 
     frozen = {"clip": found.clip_params, "base": setup.base, "eot": jnp.asarray(setup.tmpl.eot_index)}
-    return fit(init, prompt_optimizer(tc), loss_fn, batch_fn, steps=tc.steps, batch_size=tc.batch_size,
+    return fit(lambda rng: initial_prompt(found, config, rng), prompt_optimizer(tc), loss_fn, batch_fn, steps=tc.steps, batch_size=tc.batch_size,
                workdir=workdir, mesh=mesh, config=config, seed=seed, desc=desc, frozen=frozen,
                batch_field="train.batch_size").params
 

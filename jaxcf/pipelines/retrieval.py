@@ -25,9 +25,9 @@ from jaxcf.dicap import task_config
 from jaxcf.dicap.estimation import PromptSetup
 from jaxcf.dicap.runs import cached_counterfactuals, foundation_digest, mean_std, prompt_run_dir
 from jaxcf.dicap.task_data import retrieval_source
-from jaxcf.dicap.task_report import example_sheet, metric_table, write_task_report
-from jaxcf.dicap.tasks import (bucketed, counterfactual_quality, fit_text_prompts, recall, retrieval_batches,
-                               retrieval_task_loss, text_encoder, zero_shot_features)
+from jaxcf.dicap.task_report import example_sheet, final_loss_line, metric_table, write_task_report
+from jaxcf.dicap.tasks import (bucketed, counterfactual_quality, final_metrics, fit_text_prompts, initial_prompt,
+                               recall, retrieval_batches, retrieval_task_loss, text_encoder, zero_shot_features)
 from jaxcf.foundation import build_foundation, encode_images, template_text_features
 from jaxcf.utils import io
 
@@ -105,14 +105,17 @@ def run(config, workdir: str, mesh):
         if source.has_renderer and config.eval.ground_truth:
             x_gt, valid_gt = source.ground_truth(shots, y_cf)
             negatives["dicap_gt"] = (tc.lam, encode_images(found, x_gt, mesh=mesh), valid_gt)
+        prompts = {"init": initial_prompt(found, config, jax.random.key(seed))}  # the context before training
         for k, e in evals.items():
             row |= _prefixed(f"zeroshot_{k}", recall(e["f"], e["zs"][e["rows"]], e["relevant"], ks))
+            row |= _prefixed(f"init_{k}", recall(e["f"], e["encode"](prompts["init"])[e["rows"]], e["relevant"], ks))
         setup = PromptSetup(found, bucketed(shots.texts), config.prompt.n_ctx, max_len)
         for method, (lam, f_neg, valid) in negatives.items():
             batch_fn = retrieval_batches(f_x, shots.pair_image, shots.pair_text, f_neg, valid, tc.batch_size, seed, lam)
-            pp = fit_text_prompts(found, setup, retrieval_task_loss(lam, tc.tau), batch_fn, config, seed,
-                                  io.join(workdir, "prompts", prompt_run_dir(config, seed, method, digest)), mesh,
+            run_dir = io.join(workdir, "prompts", prompt_run_dir(config, seed, method, digest))
+            pp = fit_text_prompts(found, setup, retrieval_task_loss(lam, tc.tau), batch_fn, config, seed, run_dir, mesh,
                                   desc=f"{method} prompts (seed {seed})")
+            row |= {f"{method}_final_{k}": v for k, v in final_metrics(run_dir).items() if k in ("loss", "l_cf")}
             for k, e in evals.items():
                 row |= _prefixed(f"{method}_{k}", recall(e["f"], e["encode"](pp)[e["rows"]], e["relevant"], ks))
         rows.append(row)
@@ -151,7 +154,7 @@ def report_text(results: dict, splits, ks) -> str:
               "|---" * (len(cf_cols) + 2) + "|",
               f"| {cf['target']}, s={cf['scale']:g} | " + " | ".join(
                   f"{100 * s[k]['mean']:.1f} ± {100 * s[k]['std']:.1f}" for _, k in cf_cols)
-              + f" | {s['cf_l1']['mean']:.3f} |", ""]
+              + f" | {s['cf_l1']['mean']:.3f} |", ""] + final_loss_line(s)
     return "\n".join(lines)
 
 

@@ -26,9 +26,9 @@ from jaxcf.dicap import task_config
 from jaxcf.dicap.estimation import PromptSetup
 from jaxcf.dicap.runs import cached_counterfactuals, foundation_digest, mean_std, prompt_run_dir
 from jaxcf.dicap.task_data import vqa_source
-from jaxcf.dicap.task_report import example_sheet, metric_table, write_task_report
-from jaxcf.dicap.tasks import (counterfactual_quality, fit_text_prompts, text_encoder, vqa_batches,
-                               vqa_predictions, vqa_task_loss, zero_shot_features)
+from jaxcf.dicap.task_report import example_sheet, final_loss_line, metric_table, write_task_report
+from jaxcf.dicap.tasks import (counterfactual_quality, final_metrics, fit_text_prompts, initial_prompt, text_encoder,
+                               vqa_batches, vqa_predictions, vqa_task_loss, zero_shot_features)
 from jaxcf.foundation import build_foundation, encode_images, template_text_features
 from jaxcf.utils import io
 
@@ -112,14 +112,16 @@ def run(config, workdir: str, mesh):
             gt = source.ground_truth(shots, seed)
             negatives["dicap_gt"] = (tc.lam, encode_images(found, gt[0], mesh=mesh), gt[2])
             row["gt_question_fraction"] = float(np.mean(gt[2]))
+        init_feats = encode(initial_prompt(found, config, jax.random.key(seed)))  # the context before training
         for k, e in evals.items():
-            row |= _prefixed(f"zeroshot_{k}", accuracy(e, zs))
+            row |= _prefixed(f"zeroshot_{k}", accuracy(e, zs)) | _prefixed(f"init_{k}", accuracy(e, init_feats))
         for method, (lam, f_neg, valid) in negatives.items():
             batch_fn = vqa_batches(f_img, shots.q_image, shots.q_type, shots.answer, f_neg, valid, tc.batch_size,
                                    seed, lam)
-            pp = fit_text_prompts(found, setup, vqa_task_loss(lam, tc.tau, *pairs), batch_fn, config, seed,
-                                  io.join(workdir, "prompts", prompt_run_dir(config, seed, method, digest)), mesh,
-                                  desc=f"{method} prompts (seed {seed})")
+            run_dir = io.join(workdir, "prompts", prompt_run_dir(config, seed, method, digest))
+            pp = fit_text_prompts(found, setup, vqa_task_loss(lam, tc.tau, *pairs), batch_fn, config, seed, run_dir,
+                                  mesh, desc=f"{method} prompts (seed {seed})")
+            row |= {f"{method}_final_{k}": v for k, v in final_metrics(run_dir).items() if k in ("loss", "l_cf")}
             feats = encode(pp)
             for k, e in evals.items():
                 row |= _prefixed(f"{method}_{k}", accuracy(e, feats))
@@ -163,7 +165,7 @@ def report_text(results: dict, splits) -> str:
               "|---" * (len(cf_cols) + 2) + "|",
               f"| {cf['target']}, s={cf['scale']:g} | " + " | ".join(
                   f"{100 * s[k]['mean']:.1f} ± {100 * s[k]['std']:.1f}" for _, k in cf_cols)
-              + f" | {s['cf_l1']['mean']:.3f} |", ""]
+              + f" | {s['cf_l1']['mean']:.3f} |", ""] + final_loss_line(s)
     return "\n".join(lines)
 
 
