@@ -312,3 +312,41 @@ def test_chain_guidance_calls_and_gradient():
         e[idx] = h
         fd[idx] = (float(f(jnp.asarray(xn + e, jnp.float32))) - float(f(jnp.asarray(xn - e, jnp.float32)))) / (2 * h)
     np.testing.assert_allclose(g, fd, rtol=2e-2, atol=2e-3)
+
+
+def test_implicit_guidance_is_bayes_rule_on_a_gaussian_mixture():
+    """A class-conditional model's implied classifier: for x0 | y ~ N(mu_y, s^2 I) with equal priors
+    the exact eps(x_t, y), the exact unconditional eps and log p(y | x_t) are all closed forms, so
+    -(eps(x_t, y) - eps(x_t)) / sqrt(1 - abar) must equal the gradient of the exact log-posterior."""
+    sch = make_schedule("linear")
+    mus, sig = jnp.array([-0.5, 0.5]), 0.5
+
+    def class_eps(x, t, y):  # E[eps | x_t, y]
+        a = sch.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        return jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * mus[y].reshape(-1, 1, 1, 1)) / (a * sig**2 + 1 - a)
+
+    def log_post(x, t):  # log p(y | x_t) for both classes [B, 2]
+        a = sch.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        ll = jnp.stack([-jnp.sum((x - jnp.sqrt(a) * m) ** 2, (1, 2, 3)) / (2 * (a[:, 0, 0, 0] * sig**2 + 1 - a[:, 0, 0, 0]))
+                        for m in mus], -1)
+        return jax.nn.log_softmax(ll, -1)
+
+    def eps_fn(x, t, cond):  # cond: labels, or None for the unconditional (mixture) model
+        if cond is not None:
+            return class_eps(x, t, cond)
+        w = jnp.exp(log_post(x, t))
+        return sum(w[:, k].reshape(-1, 1, 1, 1) * class_eps(x, t, jnp.full(x.shape[:1], k)) for k in range(2))
+
+    x = jax.random.normal(jax.random.key(1), (6, 3, 3, 1))
+    t = jnp.array([50, 200, 400, 600, 800, 950])
+    a = sch.alphas_cumprod[t]
+    y = jnp.array([0, 1, 0, 1, 1, 0])
+    eps, g = guidance_gradient(eps_fn, None, x, t, a, None, y, guide_on="implicit")
+    want = jax.grad(lambda xx: jnp.sum(jnp.take_along_axis(log_post(xx, t), y[:, None], 1)))(x)
+    np.testing.assert_allclose(eps, eps_fn(x, t, None), rtol=1e-6)
+    np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-5)
+    # guided DDIM with it is classifier-free guidance: eps + s (eps(x_t, y) - eps(x_t)) at every step
+    x_T = ddim_invert(eps_fn, x, None, sch, 10, depth=0.6)
+    got = guided_denoise(eps_fn, None, x_T, None, y, 3.0, sch, 10, depth=0.6, guide_on="implicit")
+    cfg_eps = lambda xx, tt, c: eps_fn(xx, tt, None) + 3.0 * (eps_fn(xx, tt, y) - eps_fn(xx, tt, None))  # noqa: E731
+    np.testing.assert_allclose(got, ddim_sample(cfg_eps, x_T, None, sch, 10, depth=0.6), rtol=1e-4, atol=1e-5)

@@ -23,7 +23,7 @@ from jaxcf.diffusion.schedules import NoiseSchedule, ddim_timesteps, grid_alphas
 EpsFn = Callable[[jnp.ndarray, jnp.ndarray, Any], jnp.ndarray]
 # log p(y | x) for a batch: (x [B, ...], t [B], y [B]) -> [B]
 LogProbFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
-GUIDE_ON = ("x0", "xt")
+GUIDE_ON = ("x0", "xt", "implicit")
 
 
 def _bcast(a, x):
@@ -178,9 +178,18 @@ def guidance_gradient(
     noise-aware classifier). With ``grad_through_eps=False`` x0_hat treats eps as a constant
     (d x0_hat / d x_t = 1 / sqrt(abar_t)); True backpropagates through the noise model too.
     Per-example gradients: the log-probabilities of the batch are summed, examples are independent.
+
+    ``"implicit"``: no separate classifier (``log_prob_fn`` is unused); the noise model is
+    class-conditional, ``eps_fn(x, t, labels)`` with ``cond`` its unconditional input, and Bayes' rule
+    gives the classifier it implies: grad log p(y | x_t) = -(eps(x_t, y) - eps(x_t)) / sqrt(1 - abar_t).
+    :func:`guided_eps` then yields eps + s (eps(x_t, y) - eps(x_t)), classifier-free guidance.
     """
     if guide_on not in GUIDE_ON:
         raise ValueError(f"guide_on must be one of {GUIDE_ON}, got {guide_on!r}")
+    if guide_on == "implicit":
+        eps = eps_fn(x_t, t, cond)
+        eps_y = eps_fn(x_t, t, y)
+        return eps, -(eps_y - eps).astype(jnp.float32) / jnp.sqrt(1.0 - _bcast(abar_t, eps))
 
     def objective(x):
         eps = eps_fn(x, t, cond)

@@ -37,6 +37,9 @@ class Foundation:
     noise_classifier: Optional[Any] = None
     noise_classifier_params: Any = None
     class_index: Optional[Callable] = None
+    # a class-conditional diffusion model (guide_on="implicit"): eps_apply(params, x_t, t, labels)
+    # with labels indexed like class_index; null_class is the label of its unconditional mode
+    null_class: Optional[int] = None
     _encoders: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     def image_features(self, clip_params, images):
@@ -48,7 +51,16 @@ class Foundation:
         return to_clip_input(images, self.clip_image_size)
 
     def eps_fn(self, diffusion_params):
-        return lambda x, t, cond: self.eps_apply(diffusion_params, x, t)
+        """eps(x_t, t, cond). A class-conditional model reads ``cond`` as labels [B] (None: the null
+        class, its unconditional mode); an unconditional one ignores it."""
+        if self.null_class is None:
+            return lambda x, t, cond: self.eps_apply(diffusion_params, x, t)
+
+        def eps(x, t, cond):
+            labels = jnp.full((x.shape[0],), self.null_class, jnp.int32) if cond is None else cond
+            return self.eps_apply(diffusion_params, x, t, labels)
+
+        return eps
 
 
 def build_foundation(config, workdir: str, mesh) -> Foundation:

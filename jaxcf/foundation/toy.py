@@ -158,12 +158,36 @@ def toy_foundation(config, workdir: str, mesh) -> Foundation:
             lambda: train_noise_classifier(noise_classifier, schedule, world("generator"), nc,
                                            io.join(export_dir, "noise_classifier_run"), mesh, config, seed=seed))
     frozen_clip = CLIP(CLIPConfig.tiny(**clip_cfg, dtype=dtype, param_dtype=dtype))
-    frozen_unet = build_model("unet2d", fc.unet.to_dict(), config.dtype)
+    null_class = None
+    if config.counterfactual.guide_on == "implicit":  # the generator is the class-conditional fine-tune
+        null_class = len(SHAPE_NAMES)
+        unet_cfg = dict(fc.unet.to_dict(), num_class_embeds=null_class + 1)
+        cu = fc.cond_unet
+        cond_unet = build_model("unet2d", unet_cfg)
+        cond_meta = dict(unet_meta, train=cu.to_dict(), from_unconditional=unet_meta["train"], classes=list(SHAPE_NAMES))
+
+        def from_unconditional():  # the unconditional model plus a zero class embedding: it starts where that one is
+            dim = cond_unet.config.time_embed_dim
+            p = jax.tree.map(jnp.asarray, dict(unet_params))
+            p["class_embedding"] = {"embedding": jnp.zeros((null_class + 1, dim), jnp.float32)}
+            return p
+
+        unet_params = load_or_train(
+            "cond_unet", lambda: jax.eval_shape(cond_unet.init, jax.random.key(0), jnp.zeros((1, res, res, 3)),
+                                                jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))["params"],
+            cond_meta, folders, export_dir,
+            lambda: train_eps_model(cond_unet, schedule, world("generator"), cu, io.join(export_dir, "cond_unet_run"),
+                                    mesh, config, seed=seed, desc="foundation: class-conditional diffusion",
+                                    init_params=from_unconditional(), label_dropout=(cu.label_dropout, null_class)))
+    else:
+        unet_cfg = fc.unet.to_dict()
+    frozen_unet = build_model("unet2d", unet_cfg, config.dtype)
+    eps_apply = (lambda p, x, t: frozen_unet.apply({"params": p}, x, t)) if null_class is None else \
+        (lambda p, x, t, labels: frozen_unet.apply({"params": p}, x, t, labels))
     return Foundation(clip=frozen_clip, clip_params=frozen_params(clip_params, dtype), tokenizer=tokenizer,
-                      diffusion_params=frozen_params(unet_params, dtype),
-                      eps_apply=lambda p, x, t: frozen_unet.apply({"params": p}, x, t), schedule=schedule,
+                      diffusion_params=frozen_params(unet_params, dtype), eps_apply=eps_apply, schedule=schedule,
                       clip_image_size=res, noise_classifier=noise_classifier, noise_classifier_params=nac_params,
-                      class_index=SHAPE_NAMES.index)
+                      class_index=SHAPE_NAMES.index, null_class=null_class)
 
 
 def train_noise_classifier(model: NoiseAwareClassifier, schedule, dataset, cfg, workdir: str, mesh, config, *,

@@ -93,8 +93,9 @@ def validate(config) -> None:
     cfgs.check_int(config, "counterfactual.batch_size", 1)
     cfgs.check_choice(config, "counterfactual.target", CF_TARGETS)
     cfgs.check_choice(config, "counterfactual.guide_on", GUIDE_ON)
-    if cf.guide_on == "xt" and config.foundation.kind != "toy":
-        raise cfgs.ConfigError("config.counterfactual.guide_on='xt' needs a noise-aware classifier, which only "
+    if cf.guide_on in ("xt", "implicit") and config.foundation.kind != "toy":
+        what = "a noise-aware classifier" if cf.guide_on == "xt" else "a class-conditional diffusion model"
+        raise cfgs.ConfigError(f"config.counterfactual.guide_on={cf.guide_on!r} needs {what}, which only "
                                "config.foundation.kind='toy' trains; use guide_on='x0' (CLIP on x0_hat)")
     T = config.foundation.schedule.num_train_timesteps
     if cf.ddim_steps > round(cf.depth * T) - 1:
