@@ -88,6 +88,24 @@ def test_vqav2_source_statements_and_vocabulary_mismatch(tmp_path):
     assert "\n" not in str(e.value) and "config.data.train_questions" in str(e.value) and "matches none" in str(e.value)
 
 
+def test_shapes_ground_truth_changes_the_asked_factor_and_aims_shape_questions_at_y_cf():
+    from jaxcf.dicap.task_data import vqa_source
+
+    source = vqa_source(load_config(VQA, "test"))
+    shots = source.fewshot(0)
+    assert shots.images.shape[0] == 12 and len(shots.questions) == 60
+    y_cf = (shots.cf_label + 1) % len(shots.cf_class_names)  # another base shape per image
+    x_gt, label, valid = source.ground_truth(shots, 0, y_cf)
+    assert x_gt.shape == (60, 32, 32, 3)
+    shape_q = shots.q_cf >= 0
+    np.testing.assert_array_equal(shape_q, [TYPES[t] == "shape" for t in shots.q_type])
+    # shape questions: exactly the generator's target; every changed answer differs from the factual one
+    assert [source.vocab[a] for a in label[shape_q]] == [shots.cf_class_names[y_cf[i]] for i in shots.q_cf[shape_q]]
+    assert np.all(label[valid] != shots.answer[valid]) and valid.mean() > 0.5
+    # the image of a question that could not be changed is the factual one
+    np.testing.assert_allclose(x_gt[~valid], shots.images[shots.q_image[~valid]], atol=1e-6)
+
+
 def test_statement_scoring_and_loss_against_brute_force():
     from jaxcf.data.shapes_tasks import ANSWERS, type_answer_mask
     from jaxcf.dicap.losses import counterfactual_contrastive_loss

@@ -208,14 +208,23 @@ class ShapesVQASource:
         return {name: self._get(split, 7, num_per_class=self.d.test_per_class)
                 for name, split in (("heldout", "test"), ("conflict", "test_conflict"))}
 
-    def ground_truth(self, shots: VQAShots, seed: int):
+    def ground_truth(self, shots: VQAShots, seed: int, y_cf: np.ndarray):
         """Per question: the image re-rendered with the asked factor changed (float32 [Nq, ...]),
-        its answer's vocabulary index int32 [Nq] and valid bool [Nq]."""
-        from jaxcf.data.shapes_tasks import question_counterfactuals
+        its answer's vocabulary index int32 [Nq] and valid bool [Nq]. A shape question gets the
+        shape the generator aimed at (``y_cf`` [Nc], per counterfactual row), so that its row
+        differs from the generated one only in how well the generator reached it; the other
+        types get another value drawn by :func:`question_counterfactuals`."""
+        from jaxcf.data.shapes_tasks import ANSWERS, question_counterfactuals
 
         gt = question_counterfactuals(shots.factors[shots.q_image], [self.type_names[t] for t in shots.q_type],
                                       resolution=self.d.resolution, seed=seed)
-        return to_model_range(gt["image"]), gt["label"], gt["valid"]
+        images, labels, valid = gt["image"], gt["label"].copy(), gt["valid"].copy()
+        q = np.flatnonzero(shots.q_cf >= 0)  # the questions the generator answers differently (shape)
+        shape = np.asarray([SHAPE_NAMES.index(shots.cf_class_names[i]) for i in y_cf[shots.q_cf[q]]], np.int32)
+        images[q], _ = render_shapes(with_shape(shots.factors[shots.q_image[q]], shape), resolution=self.d.resolution)
+        labels[q] = [ANSWERS.index(SHAPE_NAMES[i]) for i in shape]
+        valid[q] = True
+        return to_model_range(images), labels, valid
 
 
 class VQAv2Source:
@@ -271,7 +280,7 @@ class VQAv2Source:
     def tests(self) -> dict[str, VQAData]:
         return {"heldout": self._load("test", self.d.test_questions_max or None, 7, vocab=self.vocab)}
 
-    def ground_truth(self, shots, seed):
+    def ground_truth(self, shots, seed, y_cf):
         return None
 
 

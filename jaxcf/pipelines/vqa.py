@@ -109,7 +109,7 @@ def run(config, workdir: str, mesh):
         negatives = {"coop": (0.0, None, None), "dicap": (tc.lam, f_cf_rows[np.maximum(shots.q_cf, 0)], has_cf)}
         gt = None
         if source.has_renderer and config.eval.ground_truth:
-            gt = source.ground_truth(shots, seed)
+            gt = source.ground_truth(shots, seed, y_cf)
             negatives["dicap_gt"] = (tc.lam, encode_images(found, gt[0], mesh=mesh), gt[2])
             row["gt_question_fraction"] = float(np.mean(gt[2]))
         init_feats = encode(initial_prompt(found, config, jax.random.key(seed)))  # the context before training
