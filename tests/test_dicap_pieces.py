@@ -161,3 +161,40 @@ def test_generated_counterfactual_moves_toward_target_and_scale_zero_reconstruct
     after = np.exp(np.asarray(log_prob(cf, None, y_cf)))
     assert np.all(after > before) and after.mean() > before.mean() + 0.1, (before, after)
     assert float(jnp.mean(jnp.abs(cf - x))) < 0.5  # a nudge, not a new image
+
+
+def test_counterfactuals_are_reused_across_workdirs_through_the_user_cache(tmp_path, monkeypatch):
+    """A second run in a fresh workdir loads the counterfactuals the first one computed (same key);
+    other settings or JAXCF_CACHE=off compute them again."""
+    import os
+
+    from jaxcf.dicap import runs
+    from tests.test_main import load_config
+
+    calls = []
+
+    def fake_generator(found, x, y_cf, text_feats, cfg, mesh, desc, param_sharding="replicated", class_names=None):
+        calls.append(cfg.scale)
+        return np.tanh(x + cfg.scale)
+
+    monkeypatch.setattr(runs, "counterfactuals", fake_generator)
+    monkeypatch.setenv("JAXCF_CACHE", str(tmp_path / "cache"))
+    config = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "dicap.py"), "test")
+    x = np.random.default_rng(0).uniform(-1, 1, (6, 4, 4, 3)).astype(np.float32)
+    y = np.array([0, 1, 2, 0, 1, 2])
+    feats = jax.random.normal(jax.random.key(0), (3, 8))
+    get = lambda wd: runs.cached_counterfactuals(None, x, y, feats, config, 0, str(tmp_path / wd), None, "d")  # noqa: E731
+    x_cf, y_cf = get("w1")
+    assert len(calls) == 1 and np.all(y_cf != y)
+    x2, y2 = get("w2")  # a fresh workdir: from the user cache, and written into w2
+    assert len(calls) == 1
+    np.testing.assert_array_equal(x2, x_cf)
+    np.testing.assert_array_equal(y2, y_cf)
+    assert len(os.listdir(tmp_path / "w2" / "counterfactuals")) == 1
+    config.counterfactual.scale = 3.0  # other settings: another key
+    get("w3")
+    assert len(calls) == 2 and calls[-1] == 3.0
+    monkeypatch.setenv("JAXCF_CACHE", "off")
+    config.counterfactual.scale = 20.0
+    get("w4")
+    assert len(calls) == 3

@@ -8,13 +8,14 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from jaxcf.dicap.counterfactuals import clip_zero_shot_log_prob, generate_counterfactuals, sample_target_classes
 from jaxcf.dicap.noise_aware import noise_aware_log_prob
 from jaxcf.foundation import Foundation
 from jaxcf.train import check_batch_divisible, tree_digest
 from jaxcf.train.batched import batched
-from jaxcf.utils import io
+from jaxcf.utils import io, user_cache
 
 
 def counterfactuals(found: Foundation, x: np.ndarray, y_cf: np.ndarray, text_feats, cfg, mesh, desc: str,
@@ -63,20 +64,31 @@ def counterfactual_key(config, seed: int, x, text_feats, foundation_digest: str)
 
 def cached_counterfactuals(found, x, y, text_feats, config, seed, workdir, mesh, foundation_digest: str,
                            class_names=None):
-    """(x_cf, y_cf), from ``workdir/counterfactuals/*.npz`` when the same settings made them before
-    (the file name holds :func:`counterfactual_key`)."""
+    """(x_cf, y_cf), from ``workdir/counterfactuals/*.npz`` or the user cache
+    (:mod:`jaxcf.utils.user_cache`) when the same settings made them before (the file name holds
+    :func:`counterfactual_key`); computed and written to both otherwise."""
     cf = config.counterfactual
     key = counterfactual_key(config, seed, x, text_feats, foundation_digest)
-    path = io.join(workdir, "counterfactuals", f"seed{seed}_{cf.target}_s{cf.scale:g}_{key}.npz")
-    if io.exists(path):
-        z = io.read_npz(path)
-        if z["x"].shape == x.shape and np.array_equal(z["x"], x):
-            return z["x_cf"], z["y_cf"]
+    name = f"seed{seed}_{cf.target}_s{cf.scale:g}_{key}.npz"
+    path = io.join(workdir, "counterfactuals", name)
+    shared = user_cache.path("counterfactuals", name)
+    for p in filter(None, (path, shared)):
+        if io.exists(p):
+            z = io.read_npz(p)
+            if z["x"].shape == x.shape and np.array_equal(z["x"], x):
+                if p != path and io.is_writer():
+                    io.write_npz(path, x=x, x_cf=z["x_cf"], y_cf=z["y_cf"])
+                return z["x_cf"], z["y_cf"]
     y_cf = np.asarray(sample_target_classes(jnp.asarray(y), text_feats, cf.target, jax.random.key(seed + 17)))
     x_cf = counterfactuals(found, x, y_cf, text_feats, cf, mesh, desc=f"counterfactuals (seed {seed})",
                            param_sharding=config.param_sharding, class_names=class_names)
     if io.is_writer():
         io.write_npz(path, x=x, x_cf=x_cf, y_cf=y_cf)
+        if shared:
+            try:
+                io.write_npz(shared, x=x, x_cf=x_cf, y_cf=y_cf)
+            except OSError as e:  # a read-only or full home folder costs only the reuse
+                logging.warning("counterfactuals not written to the user cache %s: %s", shared, e)
     return x_cf, y_cf
 
 
