@@ -82,6 +82,9 @@ def get_config(arg=None):
     c.prompt = ml_collections.ConfigDict(dict(n_ctx=4, init_text="a photo of a",
                                               zero_shot_template="{}"))  # zero-shot: the caption itself
     del c.train["all_classes"]
+    # which generated counterfactuals are hard negatives: "none" = all, "clip_flip" = those frozen
+    # CLIP zero-shot assigns to their target y_cf
+    c.train.cf_filter = "none"
     c.eval = ml_collections.ConfigDict(dict(ground_truth=True, ks=(1, 5, 10)))
     variants = {"toy": toy, "test": test, **{k: paper(k) for k in ("coco", "flickr30k", "coco_tfds")}}
     return select_variant(arg, variants, c, default="toy")

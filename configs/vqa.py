@@ -89,5 +89,8 @@ def get_config(arg=None):
         # e.g. "what color is the"); the shapes world uses jaxcf.data.shapes_tasks.STATEMENTS
         statement="{question} {answer}"))
     del c.train["all_classes"]
+    # which generated counterfactuals are hard negatives: "none" = all, "clip_flip" = those frozen
+    # CLIP zero-shot assigns to their target y_cf
+    c.train.cf_filter = "none"
     c.eval = ml_collections.ConfigDict(dict(ground_truth=True))
     return select_variant(arg, {"toy": toy, "test": test, "vqav2": vqav2}, c, default="toy")

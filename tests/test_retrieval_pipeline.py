@@ -36,6 +36,7 @@ def _set(config, field, value):
     ("eval.ks", (0, 5), "config.eval.ks=(0, 5) must be a non-empty list of integers >= 1"),
     ("foundation.assets", "no_such_weights", "config.foundation.assets='no_such_weights': no such folder"),
     ("train.optimizer", "lion", "config.train.optimizer='lion' is not allowed; allowed: 'sgd', 'adamw'"),
+    ("train.cf_filter", "judge", "config.train.cf_filter='judge' is not allowed; allowed: 'none', 'clip_flip'"),
 ])
 def test_bad_config_fails_before_any_work(tmp_path, field, value, message):
     config = load_config(RETRIEVAL, "test")
@@ -109,6 +110,16 @@ def test_retrieval_loss_lambda_zero_is_coop_and_adds_lambda_times_the_counterfac
         return np.mean(np.log(np.exp(z).sum(1)) - np.log(np.where(p, np.exp(z), 0).sum(1)))
 
     np.testing.assert_allclose(float(coop), 0.5 * (nce(logits, pos) + nce(logits.T, pos.T)), rtol=1e-5)
+
+
+def test_clip_flip_filter_keeps_the_counterfactuals_zero_shot_clip_assigns_to_y_cf():
+    from jaxcf.dicap.tasks import counterfactual_mask
+
+    classes = np.eye(3, 4, dtype=np.float32)  # class c's text feature is the axis c
+    f_cf = np.array([[0.1, 2, 0, 0], [3, 0.5, 0, 0], [0, 0, -1, 0.2], [0, 0.2, 1, 0]], np.float32)
+    y_cf = np.array([1, 1, 2, 2])
+    np.testing.assert_array_equal(counterfactual_mask(f_cf, classes, y_cf, "clip_flip"), [True, False, False, True])
+    assert counterfactual_mask(f_cf, classes, y_cf, "none").all()
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import os
 
 from jaxcf import configs as cfgs
 from jaxcf.dicap.counterfactuals import CF_TARGETS
+from jaxcf.dicap.tasks import CF_FILTERS
 from jaxcf.diffusion.ddim import GUIDE_ON
 from jaxcf.foundation import ASSETS
 
@@ -74,6 +75,7 @@ def validate_task(config) -> None:
     cfgs.check_range(config, "train.learning_rate", 0.0, 10.0, low_open=True)
     cfgs.check_range(config, "train.lam", 0.0, math.inf)
     cfgs.check_range(config, "train.tau", 0.0, math.inf, low_open=True)
+    cfgs.check_choice(config, "train.cf_filter", CF_FILTERS)
     cfgs.check_choice(config, "eval.ground_truth", (True, False))
     if config.eval.ground_truth and config.data.name != "shapes":
         raise cfgs.ConfigError("config.eval.ground_truth=True needs a world that renders from factors "

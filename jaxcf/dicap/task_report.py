@@ -71,3 +71,11 @@ def final_loss_line(summary: dict) -> list[str]:
     parts = [f"{label} {summary[f'{m}_final_l_cf']['mean']:.3f} ± {summary[f'{m}_final_l_cf']['std']:.3f}"
              for m, label in (("dicap", "generated"), ("dicap_gt", "ground-truth")) if f"{m}_final_l_cf" in summary]
     return [f"L_cf at the last training step: {', '.join(parts)}.", ""] if parts else []
+
+
+def negatives_text(results: dict) -> str:
+    """Which generated counterfactuals the DiCap row used as hard negatives (``config.train.cf_filter``)."""
+    if results["cf_filter"] == "none":
+        return "every generated counterfactual"
+    return (f"the {100 * results['summary']['cf_kept']['mean']:.0f}% of generated counterfactuals kept by "
+            f"{results['cf_filter']}")

@@ -27,6 +27,7 @@ from jaxcf.train.batched import batched
 from jaxcf.train.fit import fit
 
 TEXT_BATCH = 256  # texts encoded per call at evaluation
+CF_FILTERS = ("none", "clip_flip")
 
 
 def prompt_optimizer(tc) -> optax.GradientTransformation:
@@ -87,7 +88,8 @@ def fit_text_prompts(found: Foundation, setup: PromptSetup, task_loss: Callable,
                          batch, scale)
 
     frozen = {"clip": found.clip_params, "base": setup.base, "eot": jnp.asarray(setup.tmpl.eot_index)}
-    return fit(lambda rng: initial_prompt(found, config, rng), prompt_optimizer(tc), loss_fn, batch_fn, steps=tc.steps, batch_size=tc.batch_size,
+    return fit(lambda rng: initial_prompt(found, config, rng), prompt_optimizer(tc), loss_fn, batch_fn,
+               steps=tc.steps, batch_size=tc.batch_size,
                workdir=workdir, mesh=mesh, config=config, seed=seed, desc=desc, frozen=frozen,
                batch_field="train.batch_size").params
 
@@ -212,6 +214,20 @@ def zero_shot_features(found: Foundation, texts: Sequence[str], template: str, m
 
 
 # ----------------------------------------------------------------------------- counterfactuals
+
+
+def counterfactual_mask(f_cf, class_feats, y_cf, how: str = "none") -> np.ndarray:
+    """bool [N]: which generated counterfactuals serve as hard negatives: all ("none"), or those
+    frozen CLIP zero-shot (f_cf [N, P] against class_feats [C, P]) assigns to their target y_cf
+    ("clip_flip": a model-based filter that needs no ground truth)."""
+    if how == "none":
+        return np.ones(len(f_cf), bool)
+    from jaxcf.configs import check_value
+    from jaxcf.dicap.losses import class_cosines
+
+    check_value("config.train.cf_filter", how, CF_FILTERS)
+    pred = np.argmax(np.asarray(class_cosines(jnp.asarray(f_cf), jnp.asarray(class_feats))), axis=1)
+    return pred == np.asarray(y_cf)
 
 
 def counterfactual_quality(f_cf, class_feats, y_cf, x=None, x_cf=None, factors=None, target_shape=None,

@@ -25,9 +25,10 @@ from jaxcf.dicap import task_config
 from jaxcf.dicap.estimation import PromptSetup
 from jaxcf.dicap.runs import cached_counterfactuals, foundation_digest, mean_std, prompt_run_dir
 from jaxcf.dicap.task_data import retrieval_source
-from jaxcf.dicap.task_report import example_sheet, final_loss_line, metric_table, write_task_report
-from jaxcf.dicap.tasks import (bucketed, counterfactual_quality, final_metrics, fit_text_prompts, initial_prompt,
-                               recall, retrieval_batches, retrieval_task_loss, text_encoder, zero_shot_features)
+from jaxcf.dicap.task_report import example_sheet, final_loss_line, metric_table, negatives_text, write_task_report
+from jaxcf.dicap.tasks import (bucketed, counterfactual_mask, counterfactual_quality, final_metrics,
+                               fit_text_prompts, initial_prompt, recall, retrieval_batches, retrieval_task_loss,
+                               text_encoder, zero_shot_features)
 from jaxcf.foundation import build_foundation, encode_images, template_text_features
 from jaxcf.utils import io
 
@@ -100,7 +101,9 @@ def run(config, workdir: str, mesh):
         target = None if shots.factors is None else np.asarray([SHAPE_NAMES.index(shots.cf_class_names[i]) for i in y_cf])
         row = {"seed": seed, **counterfactual_quality(f_cf, class_feats, y_cf, shots.images, x_cf, shots.factors, target,
                                                       config.data.resolution)}
-        negatives = {"coop": (0.0, None, None), "dicap": (tc.lam, f_cf, np.ones(len(f_cf), bool))}
+        keep = counterfactual_mask(f_cf, class_feats, y_cf, tc.cf_filter)
+        row["cf_kept"] = float(np.mean(keep))
+        negatives = {"coop": (0.0, None, None), "dicap": (tc.lam, f_cf, keep)}
         x_gt = None
         if source.has_renderer and config.eval.ground_truth:
             x_gt, valid_gt = source.ground_truth(shots, y_cf)
@@ -126,7 +129,8 @@ def run(config, workdir: str, mesh):
     summary = {k: mean_std(rows, k) for k in rows[0] if k != "seed"}
     results = {"pipeline": "retrieval", "variant": config.variant, "dataset": config.data.name,
                "seeds": list(config.seeds), "counterfactual": cf.to_dict(), "lam": tc.lam, "tau": tc.tau,
-               "shots": config.data.shots, "bias": config.data.bias, "test_sets": {k: len(e["f"]) for k, e in evals.items()},
+               "cf_filter": tc.cf_filter, "shots": config.data.shots, "bias": config.data.bias,
+               "test_sets": {k: len(e["f"]) for k, e in evals.items()},
                "per_seed": rows, "summary": summary, "seconds": round(time.time() - t_start, 1)}
     from jaxcf.utils import compile_cache
 
@@ -143,7 +147,8 @@ def report_text(results: dict, splits, ks) -> str:
     names = {"heldout": "held-out (all shapes, uniform backgrounds)", "conflict": "bias-conflicting"}
     lines = [f"DiCap retrieval ({results['variant']}, {results['dataset']}): {len(results['seeds'])} seeds, "
              f"{results['shots']} shots, bias {results['bias']}, y_cf={cf['target']}, s={cf['scale']:g}, "
-             f"depth={cf['depth']:g}, lambda={results['lam']:g}, tau={results['tau']:g}; recall@K in %", ""]
+             f"depth={cf['depth']:g}, lambda={results['lam']:g}, tau={results['tau']:g}, "
+             f"hard negatives: {negatives_text(results)}; recall@K in %", ""]
     cols = [(f"{d} R@{k}", f"{d}_R@{k}") for d in ("i2t", "t2i") for k in ks]
     for split in splits:
         lines += [f"**{names.get(split, split)}** ({results['test_sets'][split]} images)", ""]

@@ -26,9 +26,10 @@ from jaxcf.dicap import task_config
 from jaxcf.dicap.estimation import PromptSetup
 from jaxcf.dicap.runs import cached_counterfactuals, foundation_digest, mean_std, prompt_run_dir
 from jaxcf.dicap.task_data import vqa_source
-from jaxcf.dicap.task_report import example_sheet, final_loss_line, metric_table, write_task_report
-from jaxcf.dicap.tasks import (counterfactual_quality, final_metrics, fit_text_prompts, initial_prompt, text_encoder,
-                               vqa_batches, vqa_predictions, vqa_task_loss, zero_shot_features)
+from jaxcf.dicap.task_report import example_sheet, final_loss_line, metric_table, negatives_text, write_task_report
+from jaxcf.dicap.tasks import (counterfactual_mask, counterfactual_quality, final_metrics, fit_text_prompts,
+                               initial_prompt, text_encoder, vqa_batches, vqa_predictions, vqa_task_loss,
+                               zero_shot_features)
 from jaxcf.foundation import build_foundation, encode_images, template_text_features
 from jaxcf.utils import io
 
@@ -104,7 +105,9 @@ def run(config, workdir: str, mesh):
         factors = None if shots.factors is None else shots.factors[shots.cf_image]
         row = {"seed": seed, **counterfactual_quality(f_cf_rows, class_feats, y_cf, x, x_cf, factors, target,
                                                       config.data.resolution)}
-        has_cf = shots.q_cf >= 0
+        keep = counterfactual_mask(f_cf_rows, class_feats, y_cf, tc.cf_filter)
+        row["cf_kept"] = float(np.mean(keep))
+        has_cf = (shots.q_cf >= 0) & keep[np.maximum(shots.q_cf, 0)]
         row["cf_question_fraction"] = float(np.mean(has_cf))
         negatives = {"coop": (0.0, None, None), "dicap": (tc.lam, f_cf_rows[np.maximum(shots.q_cf, 0)], has_cf)}
         gt = None
@@ -132,7 +135,8 @@ def run(config, workdir: str, mesh):
 
     summary = {k: mean_std(rows, k) for k in rows[0] if k != "seed"}
     results = {"pipeline": "vqa", "variant": config.variant, "dataset": config.data.name, "seeds": list(config.seeds),
-               "counterfactual": cf.to_dict(), "lam": tc.lam, "tau": tc.tau, "shots": config.data.shots,
+               "counterfactual": cf.to_dict(), "lam": tc.lam, "tau": tc.tau, "cf_filter": tc.cf_filter,
+               "shots": config.data.shots,
                "bias": config.data.bias, "question_types": list(source.type_names),
                "test_sets": {k: len(e["data"].questions) for k, e in evals.items()},
                "per_seed": rows, "summary": summary, "seconds": round(time.time() - t_start, 1)}
@@ -152,7 +156,8 @@ def report_text(results: dict, splits) -> str:
     types = results["question_types"] if len(results["question_types"]) <= 8 else []
     lines = [f"DiCap VQA ({results['variant']}, {results['dataset']}): {len(results['seeds'])} seeds, "
              f"{results['shots']} shots, bias {results['bias']}, y_cf={cf['target']}, s={cf['scale']:g}, "
-             f"depth={cf['depth']:g}, lambda={results['lam']:g}, tau={results['tau']:g}; VQA accuracy in %", ""]
+             f"depth={cf['depth']:g}, lambda={results['lam']:g}, tau={results['tau']:g}, "
+             f"hard negatives: {negatives_text(results)}; VQA accuracy in %", ""]
     for split in splits:
         lines += [f"**{names.get(split, split)}** ({results['test_sets'][split]} questions)", ""]
         lines += metric_table(s, [("overall", f"{split}_overall")] + [(t, f"{split}_{t}") for t in types]) + [""]
