@@ -92,6 +92,15 @@ def test_the_config_that_made_the_shipped_weights_still_trains(tmp_path):
             assert np.shape(a) == np.shape(b)
     rows = [json.loads(line) for line in open(tmp_path / "foundation" / "clip_run" / "metrics.jsonl")]
     assert rows[-1]["step"] == 3 and np.isfinite(rows[-1]["loss"])
+    # the class-conditional fine-tune of guide_on="implicit" (CLIP and UNet now load from the exports)
+    config.counterfactual.guide_on = "implicit"
+    config.foundation.cond_unet.update(steps=3, batch_size=8)
+    found = toy_foundation(config, str(tmp_path), make_mesh([("data", -1)]))
+    with open(os.path.join(ASSETS, shipped["assets"], "cond_unet.msgpack"), "rb") as f:
+        ref = serialization.msgpack_restore(f.read())
+    assert jax.tree_util.tree_structure(jax.device_get(found.diffusion_params)) == jax.tree_util.tree_structure(ref)
+    for a, b in zip(jax.tree_util.tree_leaves(found.diffusion_params), jax.tree_util.tree_leaves(ref)):
+        assert np.shape(a) == np.shape(b)
 
 
 @pytest.mark.slow
