@@ -12,6 +12,7 @@ texts; VQA steps encode every candidate statement (the (question type, answer) p
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Callable, Sequence
 
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from jaxcf.foundation import Foundation
 from jaxcf.train import stream_indices, warmup_cosine
 from jaxcf.train.batched import batched
 from jaxcf.train.fit import fit
+from jaxcf.utils import io
 
 TEXT_BATCH = 256  # texts encoded per call at evaluation
 CF_FILTERS = ("none", "clip_flip")
@@ -61,12 +63,8 @@ def initial_prompt(found: Foundation, config, rng) -> dict:
 
 def final_metrics(run_dir: str) -> dict:
     """The last logged training metrics of a :func:`fit_text_prompts` run ({} when none)."""
-    from jaxcf.utils import io
-
     path = io.join(run_dir, "metrics.jsonl")
     lines = io.read_text(path).strip().splitlines() if io.exists(path) else []
-    import json
-
     return {k: v for k, v in json.loads(lines[-1]).items() if k not in ("step", "time")} if lines else {}
 
 

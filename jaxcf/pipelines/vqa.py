@@ -189,7 +189,8 @@ def _examples(path, source, shots, x_cf, y_cf, gt, n: int = 8):
         if shots.q_cf[q] >= 0:
             line += f"\ngenerated toward: {shots.cf_class_names[y_cf[shots.q_cf[q]]]}"
         if gt is not None:
-            line += f"\nground truth cf answer: {source.vocab[gt[1][q]]}" + ("" if gt[2][q] else " (none)")
+            line += (f"\nground-truth cf answer: {source.vocab[gt[1][q]]}" if gt[2][q]
+                     else "\nno ground-truth cf (the asked factor cannot change here)")
         texts.append(line)
     if gt is not None:
         columns.append(gt[0][pick])
