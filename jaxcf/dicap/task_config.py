@@ -27,14 +27,15 @@ def check_path(config, field: str, kind: str = "file") -> None:
         raise cfgs.ConfigError(f"config.{field}={path!r}: no such {kind}")
 
 
-def validate_task(config) -> None:
-    """Seeds, foundation, counterfactual generator, prompt and training fields."""
+def check_shared(config) -> None:
+    """The fields every DiCap pipeline (classification, retrieval, VQA) has: seeds, foundation,
+    shots, counterfactual generator, prompt and training."""
     if not config.seeds or not all(isinstance(s, int) and s >= 0 for s in config.seeds):
         raise cfgs.ConfigError(f"config.seeds={config.seeds!r} must be a non-empty list of integers >= 0")
     cfgs.check_choice(config, "foundation.kind", FOUNDATIONS)
     assets = config.foundation.assets
     if config.foundation.kind == "toy" and assets and not os.path.isdir(os.path.join(ASSETS, assets)):
-        have = sorted(d for d in os.listdir(ASSETS) if os.path.isdir(os.path.join(ASSETS, d)))
+        have = sorted(d for d in os.listdir(ASSETS) if os.path.isdir(os.path.join(ASSETS, d))) if os.path.isdir(ASSETS) else []
         raise cfgs.ConfigError(f"config.foundation.assets={assets!r}: no such folder in {ASSETS}; available: "
                                f"{', '.join(have) or 'none'}; or '' to pretrain the foundation models in the workdir")
     if config.foundation.kind == "pretrained":
@@ -44,16 +45,15 @@ def validate_task(config) -> None:
             path = str(config.foundation[field])
             if path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(path)):
                 raise cfgs.ConfigError(f"config.foundation.{field}={path!r}: no such checkpoint folder")
-    elif config.data.name != "shapes":
-        raise cfgs.ConfigError(f"config.data.name={config.data.name!r} needs config.foundation.kind='pretrained' "
-                               "(the toy foundation knows only the shapes world)")
     cfgs.check_int(config, "data.shots", 1)
     cfgs.check_range(config, "data.bias", 0.0, 1.0)
     res = config.data.resolution
-    size = tuple(config.data.object_size)
-    if size and not (len(size) == 2 and all(isinstance(v, int) for v in size) and 1 <= size[0] <= size[1] <= res):
-        raise cfgs.ConfigError(f"config.data.object_size={size!r} must be () or (min, max) pixels with "
-                               f"1 <= min <= max <= data.resolution ({res})")
+    toy = config.foundation.kind == "toy"
+    for field in ("data.object_size",) + (("foundation.generator_object_size",) if toy else ()):
+        size = tuple(cfgs.get(config, field))
+        if size and not (len(size) == 2 and all(isinstance(v, int) for v in size) and 1 <= size[0] <= size[1] <= res):
+            raise cfgs.ConfigError(f"config.{field}={size!r} must be () or (min, max) pixels with "
+                                   f"1 <= min <= max <= data.resolution ({res})")
     cf = config.counterfactual
     cfgs.check_range(config, "counterfactual.depth", 0.0, 1.0, low_open=True)
     cfgs.check_range(config, "counterfactual.scale", 0.0, math.inf)
@@ -62,8 +62,9 @@ def validate_task(config) -> None:
     cfgs.check_choice(config, "counterfactual.target", CF_TARGETS)
     cfgs.check_choice(config, "counterfactual.guide_on", GUIDE_ON)
     if cf.guide_on != "x0" and config.foundation.kind != "toy":
-        raise cfgs.ConfigError(f"config.counterfactual.guide_on={cf.guide_on!r} needs a model only the toy foundation "
-                               "trains (config.foundation.kind='toy'); use guide_on='x0' (CLIP on x0_hat)")
+        what = "a noise-aware classifier" if cf.guide_on == "xt" else "a class-conditional diffusion model"
+        raise cfgs.ConfigError(f"config.counterfactual.guide_on={cf.guide_on!r} needs {what}, which only "
+                               "config.foundation.kind='toy' trains; use guide_on='x0' (CLIP on x0_hat)")
     T = config.foundation.schedule.num_train_timesteps
     if cf.ddim_steps > round(cf.depth * T) - 1:
         raise cfgs.ConfigError(f"config.counterfactual.ddim_steps={cf.ddim_steps} exceeds the {round(cf.depth * T)} "
@@ -75,8 +76,16 @@ def validate_task(config) -> None:
     cfgs.check_range(config, "train.learning_rate", 0.0, 10.0, low_open=True)
     cfgs.check_range(config, "train.lam", 0.0, math.inf)
     cfgs.check_range(config, "train.tau", 0.0, math.inf, low_open=True)
-    cfgs.check_choice(config, "train.cf_filter", CF_FILTERS)
     cfgs.check_choice(config, "eval.ground_truth", (True, False))
+
+
+def validate_task(config) -> None:
+    """The retrieval and VQA pipelines: :func:`check_shared` plus their own fields."""
+    check_shared(config)
+    if config.foundation.kind == "toy" and config.data.name != "shapes":
+        raise cfgs.ConfigError(f"config.data.name={config.data.name!r} needs config.foundation.kind='pretrained' "
+                               "(the toy foundation knows only the shapes world)")
+    cfgs.check_choice(config, "train.cf_filter", CF_FILTERS)
     if config.eval.ground_truth and config.data.name != "shapes":
         raise cfgs.ConfigError("config.eval.ground_truth=True needs a world that renders from factors "
                                "(config.data.name='shapes'); set it to False for real data")

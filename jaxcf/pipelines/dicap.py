@@ -10,9 +10,6 @@ bias-conflicting test sets, HM, and counterfactual quality (flip rate, CLD, what
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import time
 
 import jax
@@ -22,47 +19,27 @@ from absl import logging
 
 from jaxcf import configs as cfgs
 from jaxcf.data.shapes import SHAPE_NAMES, judge_shapes, render_shapes, with_shape
-from jaxcf.dicap.counterfactuals import CF_TARGETS
 from jaxcf.dicap.estimation import PromptSetup, prompt_accuracy, train_prompts
 from jaxcf.dicap.losses import class_cosines
 from jaxcf.dicap.metrics import accuracy, argmax_flip_rate, counterfactual_latent_divergence, harmonic_mean
 from jaxcf.dicap.prompts import PROMPT_MODES
 from jaxcf.dicap.report import write_report
 from jaxcf.dicap.runs import cached_counterfactuals, counterfactual_key, counterfactuals  # noqa: F401 (moved)
+from jaxcf.dicap.runs import foundation_digest, prompt_run_dir
 from jaxcf.dicap.runs import mean_std as _mean_std
 from jaxcf.dicap.sources import few_shot_source
-from jaxcf.diffusion.ddim import GUIDE_ON
-from jaxcf.foundation import ASSETS, build_foundation, encode_images, template_text_features
-from jaxcf.train import tree_digest
+from jaxcf.dicap.task_config import check_init_text, check_shared
+from jaxcf.foundation import build_foundation, encode_images, template_text_features
 from jaxcf.utils import io
-
-OPTIMIZERS = ("sgd", "adamw")
-FOUNDATIONS = ("toy", "pretrained")
 
 
 def validate(config) -> None:
-    cfgs.check_choice(config, "foundation.kind", FOUNDATIONS)
-    assets = config.foundation.assets
-    if assets and not os.path.isdir(os.path.join(ASSETS, assets)):
-        have = sorted(d for d in os.listdir(ASSETS) if os.path.isdir(os.path.join(ASSETS, d))) if os.path.isdir(ASSETS) else []
-        raise cfgs.ConfigError(f"config.foundation.assets={assets!r}: no such folder in {ASSETS}; available: "
-                               f"{', '.join(have) or 'none'}; or '' to pretrain the foundation models in the workdir")
-    cfgs.check_int(config, "data.shots", 1)
-    cfgs.check_choice(config, "eval.ground_truth", (True, False))  # shapes world only (it re-renders the shots)
-    cfgs.check_range(config, "data.bias", 0.0, 1.0)
+    check_shared(config)  # seeds, foundation, shots, counterfactual generator, prompt, training
     if config.data.test_bias != -1:
         cfgs.check_range(config, "data.test_bias", 0.0, 1.0)
-    res = config.data.resolution
-    for field in ("data.object_size", "foundation.generator_object_size"):
-        size = tuple(cfgs.get(config, field))
-        if size and not (len(size) == 2 and all(isinstance(v, int) for v in size) and 1 <= size[0] <= size[1] <= res):
-            raise cfgs.ConfigError(f"config.{field}={size!r} must be () or (min, max) pixels with "
-                                   f"1 <= min <= max <= data.resolution ({res})")
     cfgs.check_range(config, "foundation.clip_train.confound", 0.0, 1.0)
     cfgs.check_int(config, "foundation.noise_classifier.steps", 1)
     cfgs.check_int(config, "foundation.noise_classifier.max_t", 1)
-    if not config.seeds or not all(isinstance(s, int) and s >= 0 for s in config.seeds):
-        raise cfgs.ConfigError(f"config.seeds={config.seeds!r} must be a non-empty list of integers >= 0")
     if config.data.name == "shapes":
         for field in ("base_classes", "novel_classes"):
             for name in config.data[field]:
@@ -79,36 +56,7 @@ def validate(config) -> None:
         problem = not_prepared(config.data.name[len("tfds:"):], config.data.data_dir)
         if problem:
             raise cfgs.ConfigError(f"config.data.name={config.data.name!r}: {problem} (config.data.data_dir)")
-    if config.foundation.kind == "pretrained":
-        if config.data.name == "shapes":
-            raise cfgs.ConfigError("config.foundation.kind='pretrained' needs a real dataset (config.data.name='tfds:...')")
-        for field in ("clip_checkpoint", "diffusion_checkpoint"):
-            path = str(config.foundation[field])
-            if path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(path)):
-                raise cfgs.ConfigError(f"config.foundation.{field}={path!r}: no such checkpoint folder")
-    cf = config.counterfactual
-    cfgs.check_range(config, "counterfactual.depth", 0.0, 1.0, low_open=True)
-    cfgs.check_range(config, "counterfactual.scale", 0.0, math.inf)
-    cfgs.check_int(config, "counterfactual.ddim_steps", 1)
-    cfgs.check_int(config, "counterfactual.batch_size", 1)
-    cfgs.check_choice(config, "counterfactual.target", CF_TARGETS)
-    cfgs.check_choice(config, "counterfactual.guide_on", GUIDE_ON)
-    if cf.guide_on in ("xt", "implicit") and config.foundation.kind != "toy":
-        what = "a noise-aware classifier" if cf.guide_on == "xt" else "a class-conditional diffusion model"
-        raise cfgs.ConfigError(f"config.counterfactual.guide_on={cf.guide_on!r} needs {what}, which only "
-                               "config.foundation.kind='toy' trains; use guide_on='x0' (CLIP on x0_hat)")
-    T = config.foundation.schedule.num_train_timesteps
-    if cf.ddim_steps > round(cf.depth * T) - 1:
-        raise cfgs.ConfigError(f"config.counterfactual.ddim_steps={cf.ddim_steps} exceeds the {round(cf.depth * T)} "
-                               f"timesteps available at depth {cf.depth} of T={T}")
-    cfgs.check_int(config, "prompt.n_ctx", 1)
     cfgs.check_choice(config, "prompt.mode", PROMPT_MODES)
-    cfgs.check_int(config, "train.steps", 1)
-    cfgs.check_int(config, "train.batch_size", 1)
-    cfgs.check_choice(config, "train.optimizer", OPTIMIZERS)
-    cfgs.check_range(config, "train.learning_rate", 0.0, 10.0, low_open=True)
-    cfgs.check_range(config, "train.lam", 0.0, math.inf)
-    cfgs.check_range(config, "train.tau", 0.0, math.inf, low_open=True)
     n_shots = config.data.shots * len(config.data.base_classes)
     if config.data.name == "shapes" and config.train.batch_size > n_shots:
         raise cfgs.ConfigError(f"config.train.batch_size={config.train.batch_size} is larger than the "
@@ -121,36 +69,13 @@ def validate(config) -> None:
 # ----------------------------------------------------------------------------- run
 
 
-def _run_key(config, seed: int, method: str, foundation_digest: str) -> str:
-    """A folder name per prompt-learning run: a rerun with other settings must not resume it."""
-    import hashlib
-
-    parts = {"seed": seed, "train": config.train.to_dict(), "prompt": config.prompt.to_dict(), "data": config.data.to_dict(),
-             "foundation": foundation_digest, "dtype": config.dtype}
-    if method == "dicap":
-        parts["counterfactual"] = config.counterfactual.to_dict()
-    elif method == "coop":
-        parts["train"].pop("lam")
-    else:  # dicap_gt: ground-truth counterfactuals, whatever the generator's settings
-        parts["counterfactual"] = "ground_truth"
-    digest = hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return f"seed{seed}_{method}_{digest}"
-
-
 def run(config, workdir: str, mesh):
     t_start = time.time()
     source = few_shot_source(config)
     first_shots = source.fewshot(config.seeds[0])  # data errors (e.g. too few shots) before any model work
     found = build_foundation(config, workdir, mesh)
-    weights = (found.clip_params, found.diffusion_params, found.schedule)
-    if found.noise_classifier_params is not None:
-        weights += (found.noise_classifier_params,)
-    found_digest = tree_digest(weights)  # keys the caches
-    init_text = config.prompt.init_text
-    if init_text and len(found.tokenizer.encode(init_text)) != config.prompt.n_ctx:
-        raise cfgs.ConfigError(f"config.prompt.init_text={init_text!r} has {len(found.tokenizer.encode(init_text))} "
-                               f"tokens but config.prompt.n_ctx={config.prompt.n_ctx}; make them agree, or set "
-                               "config.prompt.init_text='' for a random init")
+    found_digest = foundation_digest(found)  # keys the caches
+    check_init_text(config, found)
     max_len = found.clip.config.text.max_position_embeddings
     base_names, novel_names = source.base_names, source.novel_names
     tests = source.tests()
@@ -198,7 +123,7 @@ def run(config, workdir: str, mesh):
             row[f"zeroshot_{k}"] = accuracy(class_cosines(jnp.asarray(test_feats[k]), zs[split_of[k]]), tests[k][1])
         for method, lam, f_neg in methods:
             pp = train_prompts(found, setups["base"], f_x, f_neg, y, config, seed,
-                               io.join(workdir, "prompts", _run_key(config, seed, method, found_digest)), mesh, lam,
+                               io.join(workdir, "prompts", prompt_run_dir(config, seed, method, found_digest)), mesh, lam,
                                desc=f"{method} prompts (seed {seed})")
             for k in tests:
                 row[f"{method}_{k}"] = prompt_accuracy(found, setups[split_of[k]], pp, test_feats[k], tests[k][1],
