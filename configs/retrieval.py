@@ -21,20 +21,11 @@ Run it:
                --config.data.image_root=$DATA/coco --workdir=$HOME/runs/retrieval_coco
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
-from jaxcf.configs import select_variant
-
-
-def _dicap_config(variant: str):
-    """configs/dicap.py: the same foundation (shipped weights), counterfactual and prompt settings."""
-    spec = importlib.util.spec_from_file_location("_dicap_config", os.path.join(os.path.dirname(__file__), "dicap.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+from jaxcf.configs import config_file, select_variant
 
 
 def toy(c):
@@ -67,7 +58,7 @@ def paper(name):
 
 
 def get_config(arg=None):
-    c = _dicap_config("toy")
+    c = config_file(os.path.join(os.path.dirname(__file__), "dicap.py"), "toy")  # same foundation, generator, prompt
     c.pipeline = "retrieval"
     c.data = ml_collections.ConfigDict(dict(
         name="shapes",  # or "karpathy" (split_file + image_root) or "tfds:coco_captions" (data_dir)

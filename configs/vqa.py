@@ -24,20 +24,11 @@ Run it:
                --workdir=$HOME/runs/vqav2
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
-from jaxcf.configs import select_variant
-
-
-def _dicap_config(variant: str):
-    """configs/dicap.py: the same foundation (shipped weights), counterfactual and prompt settings."""
-    spec = importlib.util.spec_from_file_location("_dicap_config", os.path.join(os.path.dirname(__file__), "dicap.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+from jaxcf.configs import config_file, select_variant
 
 
 def toy(c):
@@ -65,7 +56,7 @@ def vqav2(c):
 
 
 def get_config(arg=None):
-    c = _dicap_config("toy")
+    c = config_file(os.path.join(os.path.dirname(__file__), "dicap.py"), "toy")  # same foundation, generator, prompt
     c.pipeline = "vqa"
     c.data = ml_collections.ConfigDict(dict(
         name="shapes",  # or "vqa_v2"

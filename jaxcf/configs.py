@@ -42,6 +42,19 @@ def select_variant(arg: str | None, variants: Mapping[str, Callable[[ml_collecti
     return config
 
 
+def config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of the config file at ``path`` (a config built on another: retrieval and
+    VQA start from ``configs/dicap.py``)."""
+    import importlib.util
+    import os
+
+    name = "_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
 def get(config: ml_collections.ConfigDict, field: str) -> Any:
     node = config
     for part in field.split("."):
