@@ -31,6 +31,15 @@ def toy(c):
     pass  # the defaults below are the toy world
 
 
+def toy_csc(c):
+    """The toy world with class-specific contexts (CoOp's CSC): the prompts can now learn the shots'
+    background shortcut themselves, and the counterfactuals (random y_cf, so every background meets
+    every class) also enter as training examples of y_cf (train.cf_ce)."""
+    c.prompt.mode = "class_specific"
+    c.counterfactual.target = "random"
+    c.train.cf_ce = 1.0
+
+
 def test(c):
     f = c.foundation
     f.assets = ""
@@ -129,11 +138,14 @@ def get_config(arg=None):
     c.train = ml_collections.ConfigDict(dict(
         # toy: AdamW 1e-2, tau 0.1 (chosen in a ground-truth-control sweep; README "DiCap on the shapes world")
         steps=200, batch_size=32, optimizer="adamw", learning_rate=1e-2, warmup_steps=20, weight_decay=0.0,
-        lam=1.0, tau=0.1, all_classes=False))
+        lam=1.0, tau=0.1, all_classes=False,
+        # weight of a CE term on the counterfactuals with their labels y_cf (counterfactual augmentation;
+        # not in the paper, 0 = the paper's loss; toy_csc uses it)
+        cf_ce=0.0))
     # ground_truth: a "DiCap, ground-truth counterfactuals" row (the few-shot images re-rendered with
     # the shape set to y_cf; the estimation stage's upper bound) and the model-free judge of the
     # generated counterfactuals (shapes world only; tfds data have no renderer and skip both)
     c.eval = ml_collections.ConfigDict(dict(ground_truth=True))
     c.checkpoint_every = 500
-    variants = {"toy": toy, "test": test, **{k: paper(v) for k, v in PAPER_DATASETS.items()}}
+    variants = {"toy": toy, "toy_csc": toy_csc, "test": test, **{k: paper(v) for k, v in PAPER_DATASETS.items()}}
     return select_variant(arg, variants, c, default="toy")

@@ -198,3 +198,26 @@ def test_counterfactuals_are_reused_across_workdirs_through_the_user_cache(tmp_p
     config.counterfactual.scale = 20.0
     get("w4")
     assert len(calls) == 3
+
+
+def test_counterfactual_augmentation_term_matches_float64():
+    """cf_ce adds cf_ce * CE(logit_scale * cos(f(x_cf), t), y_cf), masked rows dropped; lam = 0 keeps L_cf out."""
+    rng = np.random.default_rng(3)
+    f, f_cf, t = rng.normal(size=(5, 8)), rng.normal(size=(5, 8)), rng.normal(size=(4, 8))
+    y, y_cf = np.array([0, 1, 2, 3, 0]), np.array([1, 2, 3, 0, 2])
+    valid = np.array([1, 1, 0, 1, 1], bool)
+
+    def ce64(feats, labels, rows):
+        n = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+        lg = 100.0 * n(feats) @ n(t).T
+        per = np.log(np.exp(lg - lg.max(1, keepdims=True)).sum(1)) + lg.max(1) - lg[np.arange(len(labels)), labels]
+        return per[rows].mean()
+
+    args = (jnp.asarray(f), jnp.asarray(f_cf), jnp.asarray(t), jnp.asarray(y), 100.0)
+    loss, m = dicap_loss(*args, lam=0.0, valid=jnp.asarray(valid), cf_labels=jnp.asarray(y_cf), cf_ce=0.5)
+    np.testing.assert_allclose(m["cf_ce"], ce64(f_cf, y_cf, valid), rtol=1e-5)
+    np.testing.assert_allclose(loss, ce64(f, y, np.ones(5, bool)) + 0.5 * ce64(f_cf, y_cf, valid), rtol=1e-5)
+    assert "l_cf" not in m
+    both, m2 = dicap_loss(*args, lam=1.0, tau=0.1, cf_labels=jnp.asarray(y_cf), cf_ce=0.5)
+    l_cf = counterfactual_contrastive_loss(jnp.asarray(f), jnp.asarray(f_cf), jnp.asarray(t), jnp.asarray(y), 0.1)
+    np.testing.assert_allclose(both, m2["ce"] + l_cf + 0.5 * m2["cf_ce"], rtol=1e-5)

@@ -26,6 +26,7 @@ DICAP = os.path.join(ROOT, "configs", "dicap.py")
     ("foundation.assets", "no_such_weights", "config.foundation.assets='no_such_weights': no such folder"),
     ("prompt.mode", "maple", "config.prompt.mode='maple' is not allowed"),
     ("counterfactual.ddim_steps", 700, "config.counterfactual.ddim_steps=700 exceeds the 600 timesteps"),
+    ("train.cf_ce", -1.0, "config.train.cf_ce=-1.0 must be in [0.0, inf]"),
 ])
 def test_bad_input_fails_before_any_work(tmp_path, field, value, message):
     config = load_config(DICAP, "test")

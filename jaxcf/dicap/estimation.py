@@ -27,8 +27,9 @@ class PromptSetup:
 
 
 def train_prompts(found: Foundation, setup: PromptSetup, f_x, f_cf, y, config, seed: int, workdir: str, mesh,
-                  lam: float, desc: str):
-    """Learns the prompt context on precomputed features; only the prompt parameters train."""
+                  lam: float, desc: str, y_cf=None, cf_ce: float = 0.0):
+    """Learns the prompt context on precomputed features; only the prompt parameters train.
+    ``lam`` weighs L_cf, ``cf_ce`` the CE on the counterfactuals f_cf with their labels y_cf (0: CoOp)."""
     tc = config.train
     lr = warmup_cosine(tc.learning_rate, tc.warmup_steps, tc.steps)
     tx = optax.sgd(lr, momentum=0.9) if tc.optimizer == "sgd" else optax.adamw(lr, weight_decay=tc.weight_decay)
@@ -44,13 +45,16 @@ def train_prompts(found: Foundation, setup: PromptSetup, f_x, f_cf, y, config, s
         # as an argument rather than as a constant baked into the compiled step
         t = prompt_text_features(found.clip, frozen["clip"], pp, frozen["base"], setup.tmpl,
                                  batch["f"] if cocoop else None)
-        return dicap_loss(batch["f"], batch.get("f_cf"), t, batch["y"], scale, lam, tc.tau, tc.all_classes)
+        return dicap_loss(batch["f"], batch.get("f_cf"), t, batch["y"], scale, lam, tc.tau, tc.all_classes,
+                          cf_labels=batch.get("y_cf"), cf_ce=cf_ce)
 
     def batch_fn(step):
         idx = stream_indices(len(y), tc.batch_size, step, seed)
         b = {"f": f_x[idx], "y": y[idx].astype(np.int32)}
-        if lam > 0:
+        if lam > 0 or cf_ce > 0:
             b["f_cf"] = f_cf[idx]
+        if cf_ce > 0:
+            b["y_cf"] = np.asarray(y_cf)[idx].astype(np.int32)
         return b
 
     frozen = {"clip": found.clip_params, "base": setup.base}

@@ -39,17 +39,25 @@ def counterfactual_contrastive_loss(image_feats, cf_feats, text_feats, labels, t
 
 
 def dicap_loss(image_feats, cf_feats, text_feats, labels, logit_scale, lam: float = 1.0, tau: float = 1.0,
-               all_classes: bool = False, valid=None):
-    """CE(logit_scale * cos(f(x), t_c), y) + lambda * L_cf; returns (loss, metrics).
+               all_classes: bool = False, valid=None, cf_labels=None, cf_ce: float = 0.0):
+    """CE(logit_scale * cos(f(x), t_c), y) + lambda * L_cf [+ cf_ce * CE(f(x_cf), y_cf)]; returns (loss, metrics).
 
     ``cf_feats`` may be None (CoOp: lambda is ignored). ``valid`` [B] masks rows of a batch whose
-    counterfactual is missing (their L_cf term is dropped).
+    counterfactual is missing (their L_cf term is dropped). ``cf_ce > 0`` (not in the paper: a
+    jaxcf option) also trains on each counterfactual as an example of its class ``cf_labels`` [B]
+    (counterfactual augmentation: the shots' background now appears with other classes too).
     """
     logits = logit_scale * class_cosines(image_feats, text_feats)
     ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
     metrics = {"ce": ce, "train_accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
-    if cf_feats is None or lam == 0:
-        return ce, metrics
-    l_cf = counterfactual_contrastive_loss(image_feats, cf_feats, text_feats, labels, tau, all_classes, valid)
-    metrics["l_cf"] = l_cf
-    return ce + lam * l_cf, metrics
+    total = ce
+    if cf_feats is not None and lam != 0:
+        l_cf = counterfactual_contrastive_loss(image_feats, cf_feats, text_feats, labels, tau, all_classes, valid)
+        metrics["l_cf"] = l_cf
+        total = total + lam * l_cf
+    if cf_feats is not None and cf_ce != 0:
+        per = optax.softmax_cross_entropy_with_integer_labels(logit_scale * class_cosines(cf_feats, text_feats), cf_labels)
+        w = jnp.ones_like(per) if valid is None else valid.astype(per.dtype)
+        metrics["cf_ce"] = jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
+        total = total + cf_ce * metrics["cf_ce"]
+    return total, metrics

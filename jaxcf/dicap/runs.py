@@ -116,6 +116,7 @@ def prompt_run_dir(config, seed: int, method: str, foundation_digest: str) -> st
              "data": config.data.to_dict(), "foundation": foundation_digest, "dtype": config.dtype}
     if method == "coop":
         parts["train"].pop("lam")
+        parts["train"].pop("cf_ce", None)
     elif method == "dicap":
         parts["counterfactual"] = config.counterfactual.to_dict()
     elif method == "dicap_gt":

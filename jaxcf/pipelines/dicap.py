@@ -10,6 +10,7 @@ bias-conflicting test sets, HM, and counterfactual quality (flip rate, CLD, what
 
 from __future__ import annotations
 
+import math
 import time
 
 import jax
@@ -57,6 +58,7 @@ def validate(config) -> None:
         if problem:
             raise cfgs.ConfigError(f"config.data.name={config.data.name!r}: {problem} (config.data.data_dir)")
     cfgs.check_choice(config, "prompt.mode", PROMPT_MODES)
+    cfgs.check_range(config, "train.cf_ce", 0.0, math.inf)
     n_shots = config.data.shots * len(config.data.base_classes)
     if config.data.name == "shapes" and config.train.batch_size > n_shots:
         raise cfgs.ConfigError(f"config.train.batch_size={config.train.batch_size} is larger than the "
@@ -124,7 +126,8 @@ def run(config, workdir: str, mesh):
         for method, lam, f_neg in methods:
             pp = train_prompts(found, setups["base"], f_x, f_neg, y, config, seed,
                                io.join(workdir, "prompts", prompt_run_dir(config, seed, method, found_digest)), mesh, lam,
-                               desc=f"{method} prompts (seed {seed})")
+                               desc=f"{method} prompts (seed {seed})", y_cf=y_cf,
+                               cf_ce=0.0 if method == "coop" else config.train.cf_ce)
             for k in tests:
                 row[f"{method}_{k}"] = prompt_accuracy(found, setups[split_of[k]], pp, test_feats[k], tests[k][1],
                                                        cocoop, mesh)
