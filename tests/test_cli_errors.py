@@ -25,7 +25,7 @@ CASES = [
     # flags and config files
     ("no_config", ["--workdir={work}"], "--config is required"),
     ("config_file_missing", ["--config=configs/nosuch.py"], "cannot load the config file 'configs/nosuch.py'"),
-    ("unknown_variant", [f"{DICAP}:nonexistent"], "unknown variant 'nonexistent' for pipeline 'dicap'; allowed: toy, test"),
+    ("unknown_variant", [f"{DICAP}:nonexistent"], "unknown variant 'nonexistent' for pipeline 'dicap'; allowed: toy, toy_csc, test"),
     ("unknown_variant_didae", [f"{DIDAE}:huge"], "unknown variant 'huge' for pipeline 'didae'; allowed:"),
     ("unknown_field", [f"{DICAP}:test", "--config.nosuchfield=1"],
      "--config.nosuchfield: config has no field 'nosuchfield'; its fields: checkpoint_every, counterfactual"),
