@@ -54,12 +54,10 @@ def counterfactual_key(config, seed: int, x, text_feats, foundation_digest: str)
     """Everything that shapes a seed's counterfactuals, hashed: the counterfactual settings (all of
     ``config.counterfactual`` but its batch size: guidance scale, depth, steps, target, template,
     logit scale, ...), the dtype, the foundation weights, the class text features and the shots."""
-    import hashlib
-
     cf = {k: v for k, v in config.counterfactual.to_dict().items() if k != "batch_size"}
     parts = dict(seed=seed, counterfactual=cf, dtype=config.dtype, foundation=foundation_digest,
                  text_features=tree_digest(np.asarray(text_feats)), shots=tree_digest(x))
-    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return _digest(parts, 16)
 
 
 def cached_counterfactuals(found, x, y, text_feats, config, seed, workdir, mesh, foundation_digest: str,
@@ -110,8 +108,6 @@ def prompt_run_dir(config, seed: int, method: str, foundation_digest: str) -> st
     """A folder name per prompt-learning run (``seed{seed}_{method}_{digest}``): a rerun with other
     settings must not resume it. CoOp ignores lambda; DiCap depends on the generator's settings;
     "dicap_gt" (ground-truth counterfactuals) does not."""
-    import hashlib
-
     parts = {"seed": seed, "train": config.train.to_dict(), "prompt": config.prompt.to_dict(),
              "data": config.data.to_dict(), "foundation": foundation_digest, "dtype": config.dtype}
     if method == "coop":
@@ -121,5 +117,11 @@ def prompt_run_dir(config, seed: int, method: str, foundation_digest: str) -> st
         parts["counterfactual"] = config.counterfactual.to_dict()
     elif method == "dicap_gt":
         parts["counterfactual"] = "ground_truth"
-    digest = hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return f"seed{seed}_{method}_{digest}"
+    return f"seed{seed}_{method}_{_digest(parts, 10)}"
+
+
+def _digest(parts: dict, length: int) -> str:
+    """The first ``length`` hex digits of the SHA-1 of ``parts`` as sorted JSON (a cache key)."""
+    import hashlib
+
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:length]

@@ -6,8 +6,8 @@ Used by the diffusion pipeline, the toy foundation's pixel UNet and DiDAE's Diff
 from __future__ import annotations
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 from jaxcf.diffusion.losses import denoising_loss
 from jaxcf.train import stream_indices, tree_digest
