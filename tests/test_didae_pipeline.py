@@ -1,8 +1,10 @@
-"""DiDAE + CFKD end to end: bad input, the `test` variant on Square, the shipped square_tiny
-foundation, and CelebA through a tiny CLIP folder and a fake tfds celeb_a."""
+"""DiDAE + CFKD end to end: bad input, the checks of a finished `test` variant on Square (run by
+tests/test_kill_resume.py), the shipped square_tiny foundation, and CelebA through a tiny CLIP
+folder and a fake tfds celeb_a."""
 
 import json
 import os
+import pathlib
 import re
 import types
 
@@ -40,15 +42,11 @@ def test_bad_config_fails_before_any_work(tmp_path, override, message):
     assert not (tmp_path / "w" / "student").exists()
 
 
-@pytest.fixture(scope="module")
-def finished_test_variant(tmp_path_factory):
-    work = tmp_path_factory.mktemp("didae") / "w"
-    return run(load_config(DIDAE, "test"), str(work)), work
-
-
-@pytest.mark.slow
-def test_test_variant_runs_every_stage(finished_test_variant):
-    res, work = finished_test_variant
+def check_every_stage(res, work):
+    """What a finished run of the `test` variant left: every stage's results and files. Called by
+    tests/test_kill_resume.py on its uninterrupted reference run of the variant (every valid
+    counterfactual sent to CFKD there), so the variant runs once for both checks."""
+    work = pathlib.Path(work)
     assert res["pipeline"] == "didae" and res["student"] == "resnet18"
     for kind in ("procrustes", "svd"):
         d = res["dictionaries"][kind]

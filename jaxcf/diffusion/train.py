@@ -34,8 +34,9 @@ def train_eps_model(model, schedule, dataset, train_cfg, workdir: str, mesh, con
 
     res = dataset.get([0])["image"].shape[1:]
     if init_params is None:  # flax's default distributions in one draw (model.init compiles for minutes on CPU)
+        labels = () if label_dropout is None else (jax.ShapeDtypeStruct((1,), jnp.int32),)  # class-conditional
         init_params = fast_init(model, jax.ShapeDtypeStruct((1,) + res, jnp.float32),
-                                jax.ShapeDtypeStruct((1,), jnp.int32), rng=jax.random.key(seed))["params"]
+                                jax.ShapeDtypeStruct((1,), jnp.int32), *labels, rng=jax.random.key(seed))["params"]
     tx = adam_warmup_cosine(train_cfg.learning_rate, train_cfg.warmup_steps, train_cfg.steps, end_fraction=0.1)
     if label_dropout is not None:
         if cond_fn is not None:
