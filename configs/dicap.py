@@ -116,10 +116,14 @@ def get_config(arg=None):
         # p(shape | x_t, t) for guide_on="xt", trained on the generator's pool noised to t < max_t
         noise_classifier=dict(channels=(16, 32, 64), steps=4000, batch_size=64, learning_rate=2e-3, warmup_steps=100,
                               weight_decay=1e-4, max_t=700),
-        # guide_on="implicit": the diffusion model fine-tuned class-conditional (shape labels, each
-        # dropped to a null class with probability label_dropout), from the unconditional one above
-        cond_unet=dict(steps=1200, batch_size=32, learning_rate=1e-3, warmup_steps=50, ema_decay=0.995,
-                       label_dropout=0.15),
+        # guide_on="implicit": a class-conditional diffusion model (shape labels, each dropped to a
+        # null class with probability label_dropout). init "unconditional": the UNet above fine-tuned
+        # with a zero class embedding added; "scratch": trained from its own init, with `model`
+        # overriding fields of `unet` and a pool of pool_examples objects of object_size
+        cond_unet=dict(init="unconditional", steps=1200, batch_size=32, learning_rate=1e-3, warmup_steps=50,
+                       ema_decay=0.995, label_dropout=0.15,
+                       model=dict(block_out_channels=(32, 64, 64), resnet_time_scale_shift="scale_shift"),
+                       object_size=(6, 14), pool_examples=24000),
         schedule=dict(name="linear", num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02),
     ))
     c.counterfactual = ml_collections.ConfigDict(dict(

@@ -12,6 +12,7 @@ from jaxcf.diffusion.ddim import GUIDE_ON
 from jaxcf.foundation import ASSETS
 
 FOUNDATIONS = ("toy", "pretrained")
+COND_UNET_INITS = ("unconditional", "scratch")  # foundation.cond_unet.init
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -49,7 +50,11 @@ def check_shared(config) -> None:
     cfgs.check_range(config, "data.bias", 0.0, 1.0)
     res = config.data.resolution
     toy = config.foundation.kind == "toy"
-    for field in ("data.object_size",) + (("foundation.generator_object_size",) if toy else ()):
+    if toy:
+        cfgs.check_choice(config, "foundation.cond_unet.init", COND_UNET_INITS)
+        cfgs.check_int(config, "foundation.cond_unet.pool_examples", 1)
+    for field in ("data.object_size",) + (("foundation.generator_object_size", "foundation.cond_unet.object_size")
+                                          if toy else ()):
         size = tuple(cfgs.get(config, field))
         if size and not (len(size) == 2 and all(isinstance(v, int) for v in size) and 1 <= size[0] <= size[1] <= res):
             raise cfgs.ConfigError(f"config.{field}={size!r} must be () or (min, max) pixels with "

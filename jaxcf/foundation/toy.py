@@ -125,11 +125,18 @@ def toy_foundation(config, workdir: str, mesh) -> Foundation:
     def world(kind):
         """The pretraining pools: "clip" (objects of the default sizes), "confounded" (the same
         world with base shapes on their assigned backgrounds with probability
-        clip_train.confound) and "generator" (objects of generator_object_size)."""
+        clip_train.confound), "generator" (objects of generator_object_size) and "cond_generator"
+        (cond_unet.pool_examples objects of cond_unet.object_size, for a class-conditional UNet
+        trained from scratch)."""
         if kind not in pools:
+            n = fc.pretrain_examples
             kw = dict(clip=dict(seed=WORLD_SEED), confounded=dict(seed=WORLD_SEED + 1, confound=fc.clip_train.confound),
-                      generator=dict(seed=WORLD_SEED, object_size=gen_size))[kind]
-            pools[kind] = shapes_dataset("pretrain", num_examples=fc.pretrain_examples, resolution=res, **kw)
+                      generator=dict(seed=WORLD_SEED, object_size=gen_size),
+                      cond_generator=dict(seed=WORLD_SEED + 2, object_size=tuple(fc.cond_unet.get("object_size", ()))
+                                          or None))[kind]
+            if kind == "cond_generator":
+                n = fc.cond_unet.pool_examples
+            pools[kind] = shapes_dataset("pretrain", num_examples=n, resolution=res, **kw)
         return pools[kind]
 
     clip_meta = dict(model=clip_cfg, train=fc.clip_train.to_dict(), data=data_meta, text_max_len=fc.text_max_len)
@@ -159,12 +166,21 @@ def toy_foundation(config, workdir: str, mesh) -> Foundation:
                                            io.join(export_dir, "noise_classifier_run"), mesh, config, seed=seed))
     frozen_clip = CLIP(CLIPConfig.tiny(**clip_cfg, dtype=dtype, param_dtype=dtype))
     null_class = None
-    if config.counterfactual.guide_on == "implicit":  # the generator is the class-conditional fine-tune
+    if config.counterfactual.guide_on == "implicit":  # the generator is the class-conditional UNet
         null_class = len(SHAPE_NAMES)
-        unet_cfg = dict(fc.unet.to_dict(), num_class_embeds=null_class + 1)
         cu = fc.cond_unet
+        scratch = cu.init == "scratch"
+        unet_cfg = dict(fc.unet.to_dict(), **(cu.model.to_dict() if scratch else {}), num_class_embeds=null_class + 1)
         cond_unet = build_model("unet2d", unet_cfg)
-        cond_meta = dict(unet_meta, train=cu.to_dict(), from_unconditional=unet_meta["train"], classes=list(SHAPE_NAMES))
+        own = ("init", "model", "object_size", "pool_examples")  # the fields only a scratch run reads
+        cond_meta = dict(unet_meta, train=cu.to_dict() if scratch else {k: v for k, v in cu.items() if k not in own},
+                         classes=list(SHAPE_NAMES))
+        if scratch:  # its own architecture and pool
+            cond_meta.update(model={k: v for k, v in unet_cfg.items() if k != "num_class_embeds"},
+                             data=dict(data_meta, pretrain_examples=cu.pool_examples, object_size=list(cu.object_size),
+                                       world_seed=WORLD_SEED + 2))
+        else:
+            cond_meta["from_unconditional"] = unet_meta["train"]
 
         def from_unconditional():  # the unconditional model plus a zero class embedding: it starts where that one is
             dim = cond_unet.config.time_embed_dim
@@ -176,9 +192,11 @@ def toy_foundation(config, workdir: str, mesh) -> Foundation:
             "cond_unet", lambda: jax.eval_shape(cond_unet.init, jax.random.key(0), jnp.zeros((1, res, res, 3)),
                                                 jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))["params"],
             cond_meta, folders, export_dir,
-            lambda: train_eps_model(cond_unet, schedule, world("generator"), cu, io.join(export_dir, "cond_unet_run"),
-                                    mesh, config, seed=seed, desc="foundation: class-conditional diffusion",
-                                    init_params=from_unconditional(), label_dropout=(cu.label_dropout, null_class)))
+            lambda: train_eps_model(cond_unet, schedule, world("cond_generator" if scratch else "generator"), cu,
+                                    io.join(export_dir, "cond_unet_run"), mesh, config, seed=seed,
+                                    desc="foundation: class-conditional diffusion",
+                                    init_params=None if scratch else from_unconditional(),
+                                    label_dropout=(cu.label_dropout, null_class)))
     else:
         unet_cfg = fc.unet.to_dict()
     frozen_unet = build_model("unet2d", unet_cfg, config.dtype)
