@@ -130,12 +130,12 @@ def toy_foundation(config, workdir: str, mesh) -> Foundation:
         trained from scratch)."""
         if kind not in pools:
             n = fc.pretrain_examples
-            kw = dict(clip=dict(seed=WORLD_SEED), confounded=dict(seed=WORLD_SEED + 1, confound=fc.clip_train.confound),
-                      generator=dict(seed=WORLD_SEED, object_size=gen_size),
-                      cond_generator=dict(seed=WORLD_SEED + 2, object_size=tuple(fc.cond_unet.get("object_size", ()))
-                                          or None))[kind]
-            if kind == "cond_generator":
-                n = fc.cond_unet.pool_examples
+            n, kw = dict(clip=(n, dict(seed=WORLD_SEED)),
+                         confounded=(n, dict(seed=WORLD_SEED + 1, confound=fc.clip_train.confound)),
+                         generator=(n, dict(seed=WORLD_SEED, object_size=gen_size)),
+                         cond_generator=(fc.cond_unet.pool_examples,
+                                         dict(seed=WORLD_SEED + 2, object_size=tuple(fc.cond_unet.object_size) or None))
+                         )[kind]
             pools[kind] = shapes_dataset("pretrain", num_examples=n, resolution=res, **kw)
         return pools[kind]
 
