@@ -151,7 +151,7 @@ def test_foundation_export_import(workdir):
 
 def test_dicap_report_and_cached_counterfactuals(workdir, request):
     from jaxcf.dicap.report import write_report
-    from jaxcf.pipelines.dicap import cached_counterfactuals, counterfactual_key
+    from jaxcf.dicap.runs import cached_counterfactuals, counterfactual_key
     from tests.test_main import ROOT, load_config
 
     config = load_config(os.path.join(ROOT, "configs", "dicap.py"), "test")

@@ -123,7 +123,7 @@ def test_checkpoints_of_other_settings_are_not_resumed(tmp_path, capfd):
 
 
 def test_dicap_counterfactual_cache_key_covers_what_shapes_the_counterfactuals():
-    from jaxcf.pipelines.dicap import counterfactual_key
+    from jaxcf.dicap.runs import counterfactual_key
     from tests.test_main import load_config
 
     config = load_config(os.path.join(ROOT, "configs", "dicap.py"), "test")

@@ -25,7 +25,7 @@ from jaxcf.dicap.losses import class_cosines
 from jaxcf.dicap.metrics import accuracy, argmax_flip_rate, counterfactual_latent_divergence, harmonic_mean
 from jaxcf.dicap.prompts import PROMPT_MODES
 from jaxcf.dicap.report import write_report
-from jaxcf.dicap.runs import cached_counterfactuals, counterfactual_key, counterfactuals  # noqa: F401 (moved)
+from jaxcf.dicap.runs import cached_counterfactuals
 from jaxcf.dicap.runs import foundation_digest, prompt_run_dir
 from jaxcf.dicap.runs import mean_std as _mean_std
 from jaxcf.dicap.sources import few_shot_source
