@@ -131,3 +131,13 @@ def test_the_config_that_made_the_shipped_weights_still_trains(tmp_path):
     assert np.all(np.isfinite(guided)) and np.abs(guided - plain).max() > 1e-3  # guidance acts
     full = gen(np.array([SHAPE_NAMES.index(names[i]) for i in y_cf]), 5.0, list(SHAPE_NAMES))
     np.testing.assert_allclose(full, guided, atol=1e-5)  # the same model labels either way
+    # cond_unet.init="scratch": its own architecture (cond_unet.model over unet) and pool, from its own init
+    config.foundation.cond_unet.update(init="scratch", steps=2, pool_examples=16)
+    found = toy_foundation(config, str(tmp_path / "scratch"), mesh)
+    p = found.diffusion_params
+    assert p["class_embedding"]["embedding"].shape[0] == len(SHAPE_NAMES) + 1
+    widths = tuple(config.foundation.cond_unet.model.block_out_channels)
+    assert p["conv_in"]["kernel"].shape[-1] == widths[0] != config.foundation.unet.block_out_channels[0]
+    meta = json.loads((tmp_path / "scratch" / "foundation" / "cond_unet.json").read_text())
+    assert meta["data"]["pretrain_examples"] == 16 and meta["model"]["resnet_time_scale_shift"] == "scale_shift"
+    assert "from_unconditional" not in meta

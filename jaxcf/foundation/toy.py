@@ -26,6 +26,7 @@ from jaxcf.utils import io
 # the pretraining pool is the shapes world drawn with this seed (its own images, not the tasks'),
 # and the foundation models train with config.seed + SEED_OFFSET
 WORLD_SEED = 1000
+COND_WORLD_SEED = WORLD_SEED + 2  # the pool of a class-conditional UNet trained from scratch
 SEED_OFFSET = 1000
 
 
@@ -134,7 +135,7 @@ def toy_foundation(config, workdir: str, mesh) -> Foundation:
                          confounded=(n, dict(seed=WORLD_SEED + 1, confound=fc.clip_train.confound)),
                          generator=(n, dict(seed=WORLD_SEED, object_size=gen_size)),
                          cond_generator=(fc.cond_unet.pool_examples,
-                                         dict(seed=WORLD_SEED + 2, object_size=tuple(fc.cond_unet.object_size) or None))
+                                         dict(seed=COND_WORLD_SEED, object_size=tuple(fc.cond_unet.object_size) or None))
                          )[kind]
             pools[kind] = shapes_dataset("pretrain", num_examples=n, resolution=res, **kw)
         return pools[kind]
@@ -178,7 +179,7 @@ def toy_foundation(config, workdir: str, mesh) -> Foundation:
         if scratch:  # its own architecture and pool
             cond_meta.update(model={k: v for k, v in unet_cfg.items() if k != "num_class_embeds"},
                              data=dict(data_meta, pretrain_examples=cu.pool_examples, object_size=list(cu.object_size),
-                                       world_seed=WORLD_SEED + 2))
+                                       world_seed=COND_WORLD_SEED))
         else:
             cond_meta["from_unconditional"] = unet_meta["train"]
 
