@@ -136,6 +136,10 @@ def get_config(arg=None):
         guide_on="xt",
         template="a photo of a {}.",
         logit_scale=100.0,
+        # the masked action (FastDiME): "edit" takes, at every step, the source's own inversion
+        # trajectory outside the region where the guided x0_hat differs from the source by more than
+        # mask_threshold (channel mean, [-1, 1] units), grown by mask_dilation pixels; "none" = off
+        mask="none", mask_threshold=0.3, mask_dilation=1,
         batch_size=48,
     ))
     c.prompt = ml_collections.ConfigDict(dict(n_ctx=4, init_text="a photo of a", mode="unified"))

@@ -27,6 +27,9 @@ DICAP = os.path.join(ROOT, "configs", "dicap.py")
     ("prompt.mode", "maple", "config.prompt.mode='maple' is not allowed"),
     ("counterfactual.ddim_steps", 700, "config.counterfactual.ddim_steps=700 exceeds the 600 timesteps"),
     ("train.cf_ce", -1.0, "config.train.cf_ce=-1.0 must be in [0.0, inf]"),
+    ("counterfactual.mask", "box", "config.counterfactual.mask='box' is not allowed; allowed: 'none', 'edit'"),
+    ("counterfactual.mask_threshold", 0.0, "config.counterfactual.mask_threshold=0.0 must be in (0.0, inf]"),
+    ("counterfactual.mask_dilation", -1, "config.counterfactual.mask_dilation=-1 must be an integer >= 0"),
 ])
 def test_bad_input_fails_before_any_work(tmp_path, field, value, message):
     config = load_config(DICAP, "test")

@@ -16,6 +16,7 @@ from jaxcf.diffusion import ddim_invert, guided_denoise
 from jaxcf.dicap.losses import class_cosines
 
 CF_TARGETS = ("similarity", "random")
+CF_MASKS = ("none", "edit")  # counterfactual.mask: the masked action of guided_denoise, or none
 
 
 def sample_target_classes(labels, class_text_feats, method: str = "similarity", key: Optional[jax.Array] = None):
@@ -51,16 +52,22 @@ def clip_zero_shot_log_prob(clip, clip_params, class_text_feats, to_clip: Callab
 
 def generate_counterfactuals(eps_fn, log_prob_fn, x, y_cf, scale, schedule, num_steps: int, depth: float, *,
                              cond: Any = None, encode: Optional[Callable] = None, decode: Optional[Callable] = None,
-                             guide_on: str = "x0", grad_through_eps: bool = False):
+                             guide_on: str = "x0", grad_through_eps: bool = False,
+                             mask_threshold: Optional[float] = None, mask_dilation: int = 1):
     """x [B, H, W, C] in [-1, 1] -> counterfactual x_cf toward y_cf [B].
 
     Abduction: x_t0 = DDIM-invert(x) to ``depth``; action: guided DDIM back to clean with
     classifier guidance of scale ``scale``. For a latent model pass ``encode``/``decode`` (VAE,
     scaling factor included): inversion runs on latents and the classifier sees decoded x0_hat.
+    ``mask_threshold`` (None = off) runs the masked action of :func:`jaxcf.diffusion.guided_denoise`:
+    outside the region the guidance edits, every step takes the source's own inversion trajectory.
     """
     z = x if encode is None else encode(x)
     lp = log_prob_fn if decode is None else (lambda zz, t, y: log_prob_fn(decode(zz), t, y))
-    z_t = ddim_invert(eps_fn, z, cond, schedule, num_steps, depth)
+    masked = mask_threshold is not None
+    z_t = ddim_invert(eps_fn, z, cond, schedule, num_steps, depth, return_trajectory=masked)
+    z_t, traj = z_t if masked else (z_t, None)
     z_cf = guided_denoise(eps_fn, lp, z_t, cond, y_cf, scale, schedule, num_steps, depth,
-                          guide_on=guide_on, grad_through_eps=grad_through_eps)
+                          guide_on=guide_on, grad_through_eps=grad_through_eps, source_trajectory=traj,
+                          mask_threshold=mask_threshold if masked else 0.0, mask_dilation=mask_dilation)
     return z_cf if decode is None else decode(z_cf)

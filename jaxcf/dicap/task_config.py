@@ -6,7 +6,7 @@ import math
 import os
 
 from jaxcf import configs as cfgs
-from jaxcf.dicap.counterfactuals import CF_TARGETS
+from jaxcf.dicap.counterfactuals import CF_MASKS, CF_TARGETS
 from jaxcf.dicap.tasks import CF_FILTERS
 from jaxcf.diffusion.ddim import GUIDE_ON
 from jaxcf.foundation import ASSETS
@@ -66,6 +66,9 @@ def check_shared(config) -> None:
     cfgs.check_int(config, "counterfactual.batch_size", 1)
     cfgs.check_choice(config, "counterfactual.target", CF_TARGETS)
     cfgs.check_choice(config, "counterfactual.guide_on", GUIDE_ON)
+    cfgs.check_choice(config, "counterfactual.mask", CF_MASKS)
+    cfgs.check_range(config, "counterfactual.mask_threshold", 0.0, math.inf, low_open=True)
+    cfgs.check_int(config, "counterfactual.mask_dilation", 0)
     if cf.guide_on != "x0" and config.foundation.kind != "toy":
         what = "a noise-aware classifier" if cf.guide_on == "xt" else "a class-conditional diffusion model"
         raise cfgs.ConfigError(f"config.counterfactual.guide_on={cf.guide_on!r} needs {what}, which only "
