@@ -252,6 +252,11 @@ def test_masked_action_keeps_what_guidance_does_not_edit():
                           source_trajectory=traj, mask_threshold=-1.0)
     np.testing.assert_allclose(free, guided_denoise(eps_fn, log_prob, x_t, None, target, 10.0, sch, 20, depth=0.7),
                                atol=1e-6)
+    # a fixed mask: the patch alone is edited, every other pixel is the source's
+    fixed = guided_denoise(eps_fn, log_prob, x_t, None, target, 10.0, sch, 20, depth=0.7,
+                           source_trajectory=traj, mask=(w[None] > 0).astype(jnp.float32))
+    np.testing.assert_array_equal(np.asarray(fixed)[:, np.asarray(w[..., 0]) == 0], np.asarray(x0)[:, np.asarray(w[..., 0]) == 0])
+    assert float(p(fixed)) > float(p(plain)) + 0.3
     with pytest.raises(ValueError, match="source_trajectory must be"):
         guided_denoise(eps_fn, log_prob, x_t, None, target, 10.0, sch, 20, depth=0.7, source_trajectory=traj[1:])
 

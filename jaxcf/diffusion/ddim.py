@@ -222,6 +222,7 @@ def guided_denoise(
     source_trajectory: Optional[jnp.ndarray] = None,
     mask_threshold: float = 0.1,
     mask_dilation: int = 1,
+    mask: Optional[jnp.ndarray] = None,
     debug: bool = False,
 ):
     """Action: classifier-guided DDIM sampling from depth * T toward per-example labels y [B].
@@ -235,7 +236,8 @@ def guided_denoise(
     guidance edits, :func:`edit_mask` of the guided x0_hat against the source (threshold
     ``mask_threshold``, grown by ``mask_dilation`` pixels), is taken from the guided step and
     everything else from the source's own trajectory at the same level, so what the classifier does
-    not need to change comes back exactly.
+    not need to change comes back exactly. A fixed ``mask`` (broadcastable to x_T, 1 = edit) replaces
+    the edit mask at every step (e.g. a region known from elsewhere, as a control).
     """
     xs = _sampling_steps(schedule, num_steps, depth)
     keep = source_trajectory is not None
@@ -253,7 +255,8 @@ def guided_denoise(
         eps_hat = guided_eps(eps, grad, a_t, scale)
         x_s = ddim_step(x, eps_hat, a_t, a_s)
         if keep:
-            m = edit_mask(predict_x0(x, eps_hat, a_t), source_trajectory[0], mask_threshold, mask_dilation)
+            m = mask if mask is not None else edit_mask(predict_x0(x, eps_hat, a_t), source_trajectory[0],
+                                                        mask_threshold, mask_dilation)
             x_s = (m * x_s + (1 - m) * step[4]).astype(x_s.dtype)
         return x_s, None
 
