@@ -28,26 +28,12 @@ _SCALES = flags.DEFINE_list("scales", ["10", "20"], "guidance scales s")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/dicap_action_cpu.json", "JSON output")
 
 
-def dilate(mask: np.ndarray, pixels: int = 1) -> np.ndarray:
-    """Grows a boolean [N, H, W] mask by ``pixels`` (Chebyshev distance)."""
-    out = mask.copy()
-    for dy in range(-pixels, pixels + 1):
-        for dx in range(-pixels, pixels + 1):
-            shifted = np.zeros_like(mask)
-            h, w = mask.shape[1:]
-            shifted[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-                mask[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
-            out |= shifted
-    return out
-
-
 def main(argv):
     del argv
     from jaxcf.data.shapes import judge_shapes, render_shapes, with_shape
-    from jaxcf.dicap.counterfactuals import clip_zero_shot_log_prob
-    from jaxcf.dicap.noise_aware import noise_aware_log_prob
+    from jaxcf.dicap.runs import anti_causal_log_prob
     from jaxcf.dicap.sources import few_shot_source
-    from jaxcf.diffusion import ddim_invert, guided_denoise
+    from jaxcf.diffusion import ddim_invert, grow_mask, guided_denoise
     from jaxcf.foundation import build_foundation, template_text_features
     from jaxcf.train import make_mesh
 
@@ -65,13 +51,11 @@ def main(argv):
     rng = np.random.default_rng(0)
     y_cf = (src + rng.integers(1, len(classes), len(src))) % len(classes)  # a random other base class
     target = np.asarray(classes)[y_cf]
-    if cf.guide_on == "xt":
-        log_prob = noise_aware_log_prob(found.noise_classifier, found.noise_classifier_params, classes)
-    else:
-        text = template_text_features(found, c.data.base_classes, cf.template, c.foundation.text_max_len)
-        log_prob = clip_zero_shot_log_prob(found.clip, found.clip_params, text, found.to_clip, cf.logit_scale)
+    text = template_text_features(found, c.data.base_classes, cf.template, c.foundation.text_max_len)
+    log_prob = anti_causal_log_prob(found, cf, found.clip_params, found.noise_classifier_params, text, classes)
     _, target_mask = render_shapes(with_shape(factors, target), resolution=c.data.resolution)
-    oracle = dilate((np.asarray(mask) > 0) | (np.asarray(target_mask) > 0))[..., None].astype(np.float32)
+    silhouettes = ((np.asarray(mask) > 0) | (np.asarray(target_mask) > 0))[..., None].astype(np.float32)
+    oracle = np.asarray(grow_mask(jnp.asarray(silhouettes), 1))
     eps_fn = found.eps_fn(found.diffusion_params)
 
     @jax.jit

@@ -17,6 +17,7 @@ from jaxcf.diffusion import (
     denoise_to_x0,
     edit_mask,
     eps_from_v,
+    grow_mask,
     guidance_gradient,
     guided_denoise,
     make_schedule,
@@ -221,6 +222,8 @@ def test_edit_mask_against_numpy():
         got = edit_mask(jnp.asarray(a), jnp.asarray(b), 0.35, dil)
         assert got.shape == (3, 9, 9, 1)
         np.testing.assert_array_equal(np.asarray(got)[..., 0], want)
+        grown = grow_mask(jnp.asarray(d > 0.35, jnp.float32)[..., None], dil)
+        np.testing.assert_array_equal(np.asarray(grown)[..., 0], want)
 
 
 def test_masked_action_keeps_what_guidance_does_not_edit():

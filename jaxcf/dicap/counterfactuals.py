@@ -64,10 +64,11 @@ def generate_counterfactuals(eps_fn, log_prob_fn, x, y_cf, scale, schedule, num_
     """
     z = x if encode is None else encode(x)
     lp = log_prob_fn if decode is None else (lambda zz, t, y: log_prob_fn(decode(zz), t, y))
-    masked = mask_threshold is not None
-    z_t = ddim_invert(eps_fn, z, cond, schedule, num_steps, depth, return_trajectory=masked)
-    z_t, traj = z_t if masked else (z_t, None)
+    if mask_threshold is None:
+        z_t, masking = ddim_invert(eps_fn, z, cond, schedule, num_steps, depth), {}
+    else:
+        z_t, traj = ddim_invert(eps_fn, z, cond, schedule, num_steps, depth, return_trajectory=True)
+        masking = dict(source_trajectory=traj, mask_threshold=mask_threshold, mask_dilation=mask_dilation)
     z_cf = guided_denoise(eps_fn, lp, z_t, cond, y_cf, scale, schedule, num_steps, depth,
-                          guide_on=guide_on, grad_through_eps=grad_through_eps, source_trajectory=traj,
-                          mask_threshold=mask_threshold if masked else 0.0, mask_dilation=mask_dilation)
+                          guide_on=guide_on, grad_through_eps=grad_through_eps, **masking)
     return z_cf if decode is None else decode(z_cf)

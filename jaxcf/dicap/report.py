@@ -15,8 +15,8 @@ def write_report(results, grid_pairs, base_names, workdir):
     cf = results["counterfactual"]
     lines = [
         f"DiCap ({results['variant']}, {results['dataset']}): {len(results['seeds'])} seeds, {results['shots']} shots, bias {results['bias']}, "
-        f"y_cf={cf['target']}, s={cf['scale']:g}, depth={cf['depth']:g}, guide_on={cf.get('guide_on', 'x0')}, "
-        f"mask={cf.get('mask', 'none')}, lambda={results['lam']:g}",
+        f"y_cf={cf['target']}, s={cf['scale']:g}, depth={cf['depth']:g}, guide_on={cf['guide_on']}, "
+        f"mask={cf['mask']}, lambda={results['lam']:g}",
         "",
         "| method | base | novel | HM | bias-conflicting |",
         "|---|---|---|---|---|",

@@ -18,6 +18,18 @@ from jaxcf.train.batched import batched
 from jaxcf.utils import io, user_cache
 
 
+def anti_causal_log_prob(found: Foundation, cfg, clip_params, nac_params, text_feats, classes=None):
+    """p_phi of ``cfg.guide_on`` (``config.counterfactual``) as ``log_prob(x, t, y)``: the foundation's
+    noise-aware classifier on x_t over ``classes`` (foundation indices; None = all) for "xt", frozen
+    CLIP zero-shot with ``text_feats`` on x0_hat for "x0"; None for "implicit" (the classifier
+    implied by the class-conditional diffusion model needs none)."""
+    if cfg.guide_on == "implicit":
+        return None
+    if cfg.guide_on == "xt":
+        return noise_aware_log_prob(found.noise_classifier, nac_params, classes)
+    return clip_zero_shot_log_prob(found.clip, clip_params, text_feats, found.to_clip, cfg.logit_scale)
+
+
 def counterfactuals(found: Foundation, x: np.ndarray, y_cf: np.ndarray, text_feats, cfg, mesh, desc: str,
                     param_sharding: str = "replicated", class_names=None):
     """Counterfactuals of x [N, H, W, 3] toward y_cf [N] (indices into ``class_names``), generated in
@@ -32,13 +44,9 @@ def counterfactuals(found: Foundation, x: np.ndarray, y_cf: np.ndarray, text_fea
     def gen(params, xy, text_feats):
         dp, clip_params, nac_params = params
         y = xy[1]
-        if cfg.guide_on == "implicit":
-            lp = None
-            y = y if classes is None else jnp.asarray(classes, jnp.int32)[y]
-        elif cfg.guide_on == "xt":
-            lp = noise_aware_log_prob(found.noise_classifier, nac_params, classes)
-        else:
-            lp = clip_zero_shot_log_prob(found.clip, clip_params, text_feats, found.to_clip, cfg.logit_scale)
+        if cfg.guide_on == "implicit" and classes is not None:
+            y = jnp.asarray(classes, jnp.int32)[y]
+        lp = anti_causal_log_prob(found, cfg, clip_params, nac_params, text_feats, classes)
         enc = None if found.encode is None else (lambda im: found.encode(dp, im))
         dec = None if found.decode is None else (lambda z: found.decode(dp, z))
         return generate_counterfactuals(found.eps_fn(dp), lp, xy[0], y, cfg.scale, found.schedule,

@@ -8,6 +8,7 @@ from jaxcf.diffusion.ddim import (
     denoise_to_x0,
     edit_mask,
     eps_from_v,
+    grow_mask,
     guidance_gradient,
     guided_denoise,
     guided_eps,
@@ -19,5 +20,5 @@ from jaxcf.diffusion.schedules import SCHEDULES, NoiseSchedule, ddim_timesteps, 
 __all__ = [
     "PREDICTIONS", "SCHEDULES", "NoiseSchedule", "as_eps_fn", "chain_guided_denoise", "denoising_loss", "ddim_invert",
     "ddim_sample", "ddim_step", "ddim_timesteps", "denoise_to_x0", "edit_mask", "eps_from_v",
-    "grid_alphas", "guidance_gradient", "guided_denoise", "guided_eps", "make_schedule", "predict_x0",
+    "grid_alphas", "grow_mask", "guidance_gradient", "guided_denoise", "guided_eps", "make_schedule", "predict_x0",
 ]

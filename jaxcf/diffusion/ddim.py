@@ -268,11 +268,15 @@ def edit_mask(x0_hat: jnp.ndarray, source: jnp.ndarray, threshold: float, dilati
     """FastDiME's mask of an edit: 1 where the channel-mean |x0_hat - source| of an NHWC pair exceeds
     ``threshold``, grown by ``dilation`` pixels (a (2 d + 1)^2 max filter); [B, H, W, 1] float32."""
     d = jnp.mean(jnp.abs(x0_hat.astype(jnp.float32) - source.astype(jnp.float32)), axis=-1, keepdims=True)
-    m = (d > threshold).astype(jnp.float32)
-    if dilation:
-        w = 2 * dilation + 1
-        m = jax.lax.reduce_window(m, 0.0, jax.lax.max, (1, w, w, 1), (1, 1, 1, 1), "SAME")
-    return m
+    return grow_mask((d > threshold).astype(jnp.float32), dilation)
+
+
+def grow_mask(mask: jnp.ndarray, pixels: int) -> jnp.ndarray:
+    """A [B, H, W, C] mask grown by ``pixels`` in H and W: a (2 p + 1)^2 max filter (Chebyshev distance)."""
+    if not pixels:
+        return mask
+    w = 2 * pixels + 1
+    return jax.lax.reduce_window(mask, jnp.zeros((), mask.dtype), jax.lax.max, (1, w, w, 1), (1, 1, 1, 1), "SAME")
 
 
 def denoise_to_x0(
