@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jaxcf.models.loading import CheckpointError, StateDict, finalize
+from jaxcf.models import winograd
 
 Dtype = Any
 
@@ -188,7 +189,7 @@ def conv(features: int, kernel: int, name: str | None, dtype: Dtype, param_dtype
     if isinstance(pad, int):
         pad = ((pad, pad), (pad, pad))
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad, use_bias=use_bias,
-                   dtype=dtype, param_dtype=param_dtype, name=name)
+                   dtype=dtype, param_dtype=param_dtype, name=name, conv_general_dilated=winograd.conv_general_dilated)
 
 
 class Downsample2D(nn.Module):
@@ -300,8 +301,29 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: in
     if d % num_heads:
         raise ValueError(f"attention width {d} is not divisible by {num_heads} heads")
     split = lambda a: a.reshape(a.shape[0], a.shape[1], num_heads, d // num_heads)  # [B, L, N, H]
-    out = jax.nn.dot_product_attention(split(q), split(k), split(v))
+    if jax.default_backend() == "cpu":
+        out = heads_major_attention(split(q), split(k), split(v))
+    else:
+        out = jax.nn.dot_product_attention(split(q), split(k), split(v))
     return out.reshape(b, t, d)
+
+
+def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Scaled dot-product attention, [B, T, N, H] x [B, S, N, H] -> [B, T, N, H], for XLA:CPU.
+
+    The same function as ``jax.nn.dot_product_attention`` (logits and softmax in float32), laid
+    out for the CPU: the [B, N, T, S] logits are made heads-major and the softmax's division is
+    applied after the value product, on [B, N, T, H] instead of [B, N, T, S]. On this project's
+    2-core CPU the `small` UNet's attention (B 8, 256 pixels, 16 heads of 8) runs 8x faster
+    (README, Speed).
+    """
+    q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # [B, N, L, H]
+    logits = jnp.einsum("bnqh,bnkh->bnqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    # softmax is shift-invariant, so the max needs no gradient (as in jax.nn.softmax)
+    e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    out = jnp.einsum("bnqk,bnkh->bnqh", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = out / jnp.sum(e, axis=-1, keepdims=True)
+    return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
 
 class SpatialSelfAttention(nn.Module):

@@ -1,0 +1,165 @@
+"""3x3 convolutions by Winograd's minimal filtering F(2x2, 3x3), for the shapes where XLA:CPU is slow.
+
+XLA:CPU runs a 3x3, stride-1 convolution at 32 px with 64 output channels at about half the rate
+it reaches with 128 in and out (README, Speed). Winograd's F(2x2, 3x3) computes each 2x2 output
+tile from a 4x4 input tile with 16 multiplies per (input, output) channel pair instead of 36: the
+input tiles and the kernel are transformed (additions only for the input), the 16 transformed
+positions become 16 matrix products [tiles, C_in] x [C_in, C_out] (one batched ``dot_general``),
+and the output transform folds them back. The result equals the direct convolution up to float32
+rounding (relative error about 1e-6).
+
+:func:`conv_general_dilated` is a drop-in for ``jax.lax.conv_general_dilated`` (flax's ``nn.Conv``
+takes it as ``conv_general_dilated=``) that takes the Winograd route only where it measured faster
+on the project's CPU (:func:`winograd_applies`) and calls XLA's convolution everywhere else, on
+every other backend and for every other dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# F(2x2, 3x3): Y = A^T [(G g G^T) * (B^T d B)] A (Lavin & Gray, 2016), with
+# G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]],
+# B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
+
+# where the route is taken: measured on the project's CPU (2 cores, AVX-512, jax 0.10.2) with
+# benchmarks/ops.py and a grid of shapes at batch 8 (README, Speed): at 32 px, 1.3-2.6x faster for
+# every C_in x C_out from 32 x 64 to 320 x 320 (32 -> 32: 0.93x); at 64 px up to 64 channels in,
+# 1.2-1.6x (128 in: 0.7-1.1x, so not taken); at 16 px mixed (0.8-2.4x, not taken).
+MIN_PIXELS = 32 * 32
+MIN_CHANNEL_PRODUCT = 2048
+MAX_IMAGE_ELEMENTS = 2 ** 19  # H * W * C_in of one image below this
+CHUNK_ELEMENTS = 2 ** 19  # input values per batch chunk (its transformed input: 8 MB in float32)
+
+
+def _input_transform_1d(d0, d1, d2, d3):
+    """B^T applied along one tile axis (rows 0..3 of each 4-wide tile)."""
+    return [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+
+
+def _kernel_transform_1d(g0, g1, g2):
+    """G applied along one kernel axis (elementwise: a small einsum here lowers to slow dots)."""
+    return [g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2]
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@jax.custom_vjp
+def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x [B, H, W, C] (H, W even) * kernel [3, 3, C, D], stride 1, padding 1 -> [B, H, W, D].
+
+    A batch of more than CHUNK_ELEMENTS input values is convolved a chunk of images at a time (a
+    loop, not sibling fusions XLA would merge), so that each chunk's transformed input, 4x its
+    size, stays in cache. The gradient: for x, the convolution of the output gradient with the
+    flipped, transposed kernel (itself routed by :func:`conv_general_dilated`); for the kernel, XLA's.
+    """
+    return _chunked(x, kernel)
+
+
+def batch_chunks(shape) -> int:
+    """How many chunks :func:`winograd_conv3x3` splits a batch of this input shape into: the
+    fewest that divide the batch with at most CHUNK_ELEMENTS input values each (one image each if
+    none does)."""
+    n, per_image = shape[0], int(np.prod(shape[1:]))
+    return next(c for c in range(1, n + 1) if n % c == 0 and (n // c) * per_image <= CHUNK_ELEMENTS or c == n)
+
+
+def _chunked(x, kernel):
+    n = x.shape[0]
+    chunks = batch_chunks(x.shape)
+    if chunks == 1:
+        return _winograd_forward(x, kernel)
+    y = jax.lax.map(lambda xc: _winograd_forward(xc, kernel), x.reshape(chunks, n // chunks, *x.shape[1:]))
+    return y.reshape(n, *y.shape[2:])
+
+
+def _winograd_fwd(x, kernel):
+    return _chunked(x, kernel), (x, kernel)
+
+
+def _winograd_bwd(res, dy):
+    x, kernel = res
+    flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)  # [3, 3, D, C]
+    dx = conv_general_dilated(dy, flipped, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+    _, kernel_vjp = jax.vjp(lambda k: jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
+                                                                   dimension_numbers=_NHWC), kernel)
+    return dx, kernel_vjp(dy)[0]
+
+
+winograd_conv3x3.defvjp(_winograd_fwd, _winograd_bwd)
+
+
+def _winograd_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    d = kernel.shape[-1]
+    if kernel.shape[:3] != (3, 3, c) or h % 2 or w % 2:
+        raise ValueError(f"winograd_conv3x3: needs x [B, H, W, C] with even H, W and a [3, 3, C, D] kernel; "
+                         f"got {x.shape} and {kernel.shape}")
+    cols = [_kernel_transform_1d(*kernel[i]) for i in range(3)]  # row i of g G^T: 4 x [C, D]
+    u = [_kernel_transform_1d(*(cols[i][j] for i in range(3))) for j in range(4)]  # u[j][i] = (G g G^T)[i, j]
+    u = jnp.stack([jnp.stack([u[j][i] for j in range(4)]) for i in range(4)]).reshape(16, c, d)
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # the 4x4 input tile at output tile (i, j) starts at padded pixel (2i, 2j)
+    rows = _input_transform_1d(*(xp[:, r:r + h:2] for r in range(4)))  # 4 x [B, H/2, W+2, C]
+    v = []
+    for t in rows:
+        v += _input_transform_1d(*(t[:, :, s:s + w:2] for s in range(4)))  # 4 x [B, H/2, W/2, C]
+    v = jnp.stack(v).reshape(16, -1, c)
+    m = jnp.einsum("ktc,kcd->ktd", v, u).reshape(4, 4, b, h // 2, w // 2, d)
+    # A^T along the tile rows, then the columns: 2x2 outputs per tile
+    half = [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+    y = [[a[0] + a[1] + a[2], a[1] - a[2] - a[3]] for a in half]
+    y = jnp.stack([jnp.stack(row, 3) for row in y], 2)  # [B, H/2, 2, W/2, 2, D]
+    return y.reshape(b, h, w, d)
+
+
+_enabled = True
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within this block, :func:`conv_general_dilated` traces XLA's convolution everywhere (e.g. to
+    count a model's direct-convolution FLOPs, or as a reference); already-traced functions keep
+    what they traced."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def winograd_applies(lhs_shape, rhs_shape, dtype, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                     dimension_numbers=None, feature_group_count: int = 1, backend: str | None = None) -> bool:
+    """Does :func:`conv_general_dilated` take the Winograd route for this convolution?"""
+    if not _enabled or (backend or jax.default_backend()) != "cpu" or jnp.dtype(dtype) != jnp.float32 or len(lhs_shape) != 4:
+        return False
+    nhwc = jax.lax.conv_dimension_numbers(lhs_shape, rhs_shape, ("NHWC", "HWIO", "NHWC"))
+    if dimension_numbers is None or jax.lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers) != nhwc:
+        return False
+    ones = (1, 1)
+    if (tuple(rhs_shape[:2]) != (3, 3) or tuple(window_strides) != ones or feature_group_count != 1
+            or tuple(lhs_dilation or ones) != ones or tuple(rhs_dilation or ones) != ones
+            or isinstance(padding, str) or tuple(map(tuple, padding)) != ((1, 1), (1, 1))):
+        return False
+    _, h, w, c = lhs_shape
+    return (h % 2 == 0 and w % 2 == 0 and h * w >= MIN_PIXELS and c * rhs_shape[-1] >= MIN_CHANNEL_PRODUCT
+            and h * w * c < MAX_IMAGE_ELEMENTS)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
+                         precision=None, preferred_element_type=None):
+    """``jax.lax.conv_general_dilated``, by :func:`winograd_conv3x3` where :func:`winograd_applies`."""
+    if (batch_group_count == 1 and preferred_element_type is None and lhs.dtype == rhs.dtype
+            and winograd_applies(lhs.shape, rhs.shape, lhs.dtype, window_strides, padding, lhs_dilation,
+                                 rhs_dilation, dimension_numbers, feature_group_count)):
+        return winograd_conv3x3(lhs, rhs)
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, batch_group_count,
+                                        precision=precision, preferred_element_type=preferred_element_type)

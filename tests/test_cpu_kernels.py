@@ -1,0 +1,130 @@
+"""The CPU routes of the models: Winograd 3x3 convolutions and heads-major attention, against a
+float64 NumPy convolution, XLA's convolution, jax.nn.dot_product_attention and their gradients."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from jaxcf.models import winograd
+from jaxcf.models.blocks import conv, heads_major_attention
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+SAME = ((1, 1), (1, 1))
+
+
+def conv3x3_f64(x, k):
+    """Direct 3x3 convolution (cross-correlation), stride 1, zero padding 1, in float64."""
+    x = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    b, h, w, _ = x.shape
+    out = np.zeros((b, h - 2, w - 2, k.shape[-1]))
+    for i in range(3):
+        for j in range(3):
+            out += np.einsum("bhwc,cd->bhwd", x[:, i:i + h - 2, j:j + w - 2], np.asarray(k[i, j], np.float64))
+    return out
+
+
+def lax_conv(x, k):
+    return jax.lax.conv_general_dilated(x, k, (1, 1), SAME, dimension_numbers=NHWC)
+
+
+def data(shape, kshape, seed=0):
+    r = np.random.default_rng(seed)
+    return r.normal(size=shape).astype(np.float32), (r.normal(size=kshape) / np.sqrt(9 * kshape[2])).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape,d", [((2, 8, 6, 5), 7), ((1, 4, 4, 3), 2), ((3, 32, 32, 64), 64), ((2, 2, 10, 16), 8)])
+def test_winograd_matches_float64_convolution(shape, d):
+    x, k = data(shape, (3, 3, shape[-1], d))
+    ref = conv3x3_f64(x, k)
+    y = np.asarray(jax.jit(winograd.winograd_conv3x3)(x, k))
+    np.testing.assert_allclose(y, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+
+def test_winograd_batch_chunks_match(monkeypatch):
+    """A batch over CHUNK_ELEMENTS runs a chunk of images at a time; the result is the same."""
+    x, k = data((6, 8, 8, 4), (3, 3, 4, 5), 1)
+    whole = np.asarray(winograd.winograd_conv3x3(x, k))
+    monkeypatch.setattr(winograd, "CHUNK_ELEMENTS", 2 * 8 * 8 * 4)  # 3 chunks of 2 images
+    assert winograd.batch_chunks(x.shape) == 3
+    assert winograd.batch_chunks((5, 8, 8, 4)) == 5  # no divisor fits: one image at a time
+    chunked = np.asarray(winograd.winograd_conv3x3(x, k))
+    np.testing.assert_allclose(chunked, whole, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(chunked, conv3x3_f64(x, k), atol=2e-5 * np.abs(whole).max(), rtol=0)
+
+
+def test_winograd_gradients_match_xla():
+    x, k = data((2, 8, 6, 5), (3, 3, 5, 7), 2)
+    loss = lambda f: (lambda x, k: jnp.sum(jnp.sin(f(x, k))))  # noqa: E731
+    gw = jax.grad(loss(winograd.winograd_conv3x3), (0, 1))(x, k)
+    gx = jax.grad(loss(lax_conv), (0, 1))(x, k)
+    for a, b in zip(gw, gx):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * np.abs(np.asarray(b)).max(), rtol=0)
+
+
+def test_winograd_rejects_odd_sizes():
+    x, k = data((1, 5, 6, 3), (3, 3, 3, 4))
+    with pytest.raises(ValueError, match="even H, W"):
+        winograd.winograd_conv3x3(x, k)
+
+
+def test_route_is_taken_only_where_measured_faster():
+    applies = lambda xs, ks, **kw: winograd.winograd_applies(  # noqa: E731
+        xs, ks, kw.pop("dtype", jnp.float32), kw.pop("strides", (1, 1)), kw.pop("padding", SAME),
+        dimension_numbers=kw.pop("dn", NHWC), backend=kw.pop("backend", "cpu"), **kw)
+    assert applies((8, 32, 32, 64), (3, 3, 64, 64))
+    assert applies((8, 32, 32, 192), (3, 3, 192, 64))
+    assert not applies((8, 32, 32, 64), (3, 3, 64, 64), backend="gpu")
+    assert not applies((8, 32, 32, 64), (3, 3, 64, 64), dtype=jnp.bfloat16)
+    assert not applies((8, 16, 16, 128), (3, 3, 128, 128))  # 16 px: XLA's
+    assert not applies((8, 32, 32, 32), (3, 3, 32, 32))  # 32 -> 32: XLA's
+    assert not applies((8, 64, 64, 128), (3, 3, 128, 128))  # one image past MAX_IMAGE_ELEMENTS
+    assert not applies((8, 32, 32, 64), (3, 3, 64, 64), strides=(2, 2))
+    assert not applies((8, 32, 32, 64), (3, 3, 64, 64), padding="VALID")
+    assert not applies((8, 32, 32, 64), (1, 1, 64, 64))
+    assert not applies((8, 31, 32, 64), (3, 3, 64, 64))
+    assert not applies((8, 32, 32, 64), (3, 3, 64, 64), dn=("NCHW", "OIHW", "NCHW"))
+    with winograd.disabled():
+        assert not applies((8, 32, 32, 64), (3, 3, 64, 64))
+    assert applies((8, 32, 32, 64), (3, 3, 64, 64))
+
+
+def test_flax_conv_takes_the_route_and_matches_xla():
+    """blocks.conv (every model's convolution) routes a qualifying 3x3 convolution; same params,
+    same result as XLA's convolution."""
+    x = np.random.default_rng(3).normal(size=(2, 32, 32, 64)).astype(np.float32)
+    layer = conv(64, 3, "c", jnp.float32, jnp.float32)
+    params = layer.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, params) == {"params": {"kernel": (3, 3, 64, 64), "bias": (64,)}}
+    if jax.default_backend() == "cpu":
+        assert "dot_general" in str(jax.make_jaxpr(layer.apply)(params, x))
+        assert "conv_general_dilated" not in str(jax.make_jaxpr(layer.apply)(params, x))
+    ref = nn.Conv(64, (3, 3), padding=SAME).apply(params, x)
+    np.testing.assert_allclose(np.asarray(layer.apply(params, x)), np.asarray(ref), atol=2e-5, rtol=0)
+    with winograd.disabled():
+        assert "conv_general_dilated" in str(jax.make_jaxpr(layer.apply)(params, x))
+
+
+@pytest.mark.parametrize("b,t,s,n,h", [(2, 16, 16, 4, 8), (1, 7, 5, 2, 3), (2, 64, 64, 16, 8)])
+def test_heads_major_attention_matches_jax(b, t, s, n, h):
+    r = np.random.default_rng(4)
+    q = r.normal(size=(b, t, n, h)).astype(np.float32) * 3  # large logits: tests the max shift
+    k, v = (r.normal(size=(b, s, n, h)).astype(np.float32) for _ in range(2))
+    ref = jax.nn.dot_product_attention(q, k, v)
+    np.testing.assert_allclose(np.asarray(heads_major_attention(q, k, v)), np.asarray(ref), atol=2e-6, rtol=0)
+    loss = lambda f: (lambda q, k, v: jnp.sum(jnp.cos(f(q, k, v))))  # noqa: E731
+    g = jax.grad(loss(heads_major_attention), (0, 1, 2))(q, k, v)
+    g_ref = jax.grad(loss(jax.nn.dot_product_attention), (0, 1, 2))(q, k, v)
+    for a, c in zip(g, g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-5, rtol=0)
+
+
+def test_heads_major_attention_bfloat16_close_to_float32():
+    r = np.random.default_rng(5)
+    q, k, v = (r.normal(size=(2, 16, 4, 8)).astype(np.float32) for _ in range(3))
+    ref = np.asarray(jax.nn.dot_product_attention(q, k, v))
+    out = heads_major_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)))
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=3e-2, rtol=0)
