@@ -55,8 +55,13 @@ def test_winograd_batch_chunks_match(monkeypatch):
     np.testing.assert_allclose(chunked, conv3x3_f64(x, k), atol=2e-5 * np.abs(whole).max(), rtol=0)
 
 
-def test_winograd_gradients_match_xla():
+@pytest.mark.parametrize("chunk_elements", [None, 8 * 6 * 5])
+def test_winograd_gradients_match_xla(chunk_elements, monkeypatch):
+    """Input and kernel gradients, whole batch and one image per chunk."""
+    if chunk_elements:
+        monkeypatch.setattr(winograd, "CHUNK_ELEMENTS", chunk_elements)
     x, k = data((2, 8, 6, 5), (3, 3, 5, 7), 2)
+    assert winograd.batch_chunks(x.shape) == (2 if chunk_elements else 1)
     loss = lambda f: (lambda x, k: jnp.sum(jnp.sin(f(x, k))))  # noqa: E731
     gw = jax.grad(loss(winograd.winograd_conv3x3), (0, 1))(x, k)
     gx = jax.grad(loss(lax_conv), (0, 1))(x, k)

@@ -10,7 +10,7 @@ import pytest
 from jaxcf.dicap.counterfactuals import clip_zero_shot_log_prob, generate_counterfactuals, sample_target_classes
 from jaxcf.dicap.losses import counterfactual_contrastive_loss, dicap_loss
 from jaxcf.dicap.metrics import counterfactual_latent_divergence, harmonic_mean, recall_at_k
-from jaxcf.dicap.prompts import build_prompt_tokens, init_prompt_params, prompt_text_features
+from jaxcf.dicap.prompts import build_prompt_tokens, for_unseen_classes, init_prompt_params, prompt_text_features
 from jaxcf.diffusion import ddim_invert, ddim_sample, make_schedule
 from jaxcf.models.clip import CLIP, CLIPConfig, WordTokenizer, to_clip_input
 
@@ -53,6 +53,25 @@ def test_prompt_errors(clip_setup):
         build_prompt_tokens(tok, ["red star"], 5, 8)
     p = init_prompt_params(jax.random.key(1), clip, params, tok, 4, 4, "")
     assert abs(float(jnp.std(p["ctx"])) - 0.02) < 0.01
+
+
+def test_unseen_classes_get_the_mean_class_specific_context(clip_setup):
+    """Class-specific contexts are learned for base classes only: novel classes get their mean
+    (never base class i's context for novel class i); shared contexts pass through unchanged."""
+    tok, clip, params = clip_setup
+    novel = CLASSES[:3]
+    tmpl = build_prompt_tokens(tok, novel, 4, 12)
+    base = clip.token_embedding(params, jnp.asarray(tmpl.token_ids))
+    pc = init_prompt_params(jax.random.key(1), clip, params, tok, len(CLASSES), 4, "", "class_specific")
+    with pytest.raises(ValueError, match="class-specific contexts for 4 classes cannot prompt 3 classes"):
+        prompt_text_features(clip, params, pc, base, tmpl)
+    mean = for_unseen_classes(pc)
+    np.testing.assert_allclose(mean["ctx"], np.asarray(pc["ctx"]).mean(0), rtol=1e-6)
+    shared = {"ctx": mean["ctx"]}
+    np.testing.assert_allclose(prompt_text_features(clip, params, mean, base, tmpl),
+                               prompt_text_features(clip, params, shared, base, tmpl), rtol=1e-6)
+    pu = init_prompt_params(jax.random.key(1), clip, params, tok, len(CLASSES), 4, "")
+    assert for_unseen_classes(pu) is pu
 
 
 def _np_lcf(f, fcf, t, y, tau, all_classes):

@@ -75,6 +75,14 @@ def init_prompt_params(key, clip, clip_params, tokenizer, num_classes: int, n_ct
     return params
 
 
+def for_unseen_classes(prompt_params: dict) -> dict:
+    """The prompt parameters for classes the prompts never saw (base-to-novel's novel classes):
+    class-specific contexts (one per base class, nothing learned for the others) become their
+    mean; shared contexts (unified, cocoop) are used as they are."""
+    ctx = prompt_params["ctx"]
+    return dict(prompt_params, ctx=ctx.mean(axis=0)) if ctx.ndim == 3 else prompt_params
+
+
 def _meta_net(meta, image_feats):
     """CoCoOp's meta-net: normalised image feature [B, P] -> context bias [B, D]."""
     f = image_feats / jnp.linalg.norm(image_feats, axis=-1, keepdims=True)
@@ -89,6 +97,9 @@ def prompt_embeddings(prompt_params: dict, base_embeds, n_ctx: int, image_feats=
     """
     C, L, D = base_embeds.shape
     ctx = prompt_params["ctx"].astype(base_embeds.dtype)
+    if ctx.ndim == 3 and ctx.shape[0] != C:
+        raise ValueError(f"class-specific contexts for {ctx.shape[0]} classes cannot prompt {C} classes; "
+                         "for classes without shots use for_unseen_classes(prompt_params)")
     ctx = jnp.broadcast_to(ctx, (C, n_ctx, D)) if ctx.ndim == 2 else ctx  # [C, M, D]
     if "meta" not in prompt_params:
         return base_embeds.at[:, 1:1 + n_ctx, :].set(ctx)

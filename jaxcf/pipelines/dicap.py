@@ -23,7 +23,7 @@ from jaxcf.data.shapes import SHAPE_NAMES, judge_shapes, render_shapes, with_sha
 from jaxcf.dicap.estimation import PromptSetup, prompt_accuracy, train_prompts
 from jaxcf.dicap.losses import class_cosines
 from jaxcf.dicap.metrics import accuracy, argmax_flip_rate, counterfactual_latent_divergence, harmonic_mean
-from jaxcf.dicap.prompts import PROMPT_MODES
+from jaxcf.dicap.prompts import PROMPT_MODES, for_unseen_classes
 from jaxcf.dicap.report import write_report
 from jaxcf.dicap.runs import cached_counterfactuals
 from jaxcf.dicap.runs import foundation_digest, prompt_run_dir
@@ -129,7 +129,8 @@ def run(config, workdir: str, mesh):
                                desc=f"{method} prompts (seed {seed})", y_cf=y_cf,
                                cf_ce=0.0 if method == "coop" else config.train.cf_ce)
             for k in tests:
-                row[f"{method}_{k}"] = prompt_accuracy(found, setups[split_of[k]], pp, test_feats[k], tests[k][1],
+                params = for_unseen_classes(pp) if split_of[k] == "novel" else pp
+                row[f"{method}_{k}"] = prompt_accuracy(found, setups[split_of[k]], params, test_feats[k], tests[k][1],
                                                        cocoop, mesh)
         for method in ("zeroshot",) + tuple(m[0] for m in methods):
             row[f"{method}_hm"] = harmonic_mean(row[f"{method}_base"], row[f"{method}_novel"])
