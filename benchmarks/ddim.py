@@ -17,7 +17,6 @@ import argparse
 import os
 import platform
 import tempfile
-import time
 
 import jax
 
@@ -40,16 +39,6 @@ SIZES = {
                    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
                    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
 }
-
-
-def timed(fn, repeats: int):
-    fn()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def main():
@@ -140,14 +129,17 @@ def main():
     fwd = lambda p, x: model.apply({"params": p}, x, jnp.zeros((x.shape[0],), jnp.int32))  # noqa: E731
     fwd_fn = jax.jit(fwd)
     with winograd.disabled():  # nominal FLOPs: every convolution counted as a direct one
-        cost = jax.jit(fwd).lower(params, x0).compile().cost_analysis()
+        # a function object of its own: jit's trace cache is keyed by the function, and fwd_fn
+        # must not reuse this trace
+        cost = jax.jit(lambda p, x: fwd(p, x)).lower(params, x0).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     unet_flops = float(cost.get("flops", 0.0))
-    t_fwd = timed(lambda: fwd_fn(params, x0).block_until_ready(), max(3, args.repeats))
+    rates = interleaved({"fwd": lambda: fwd_fn(params, x0).block_until_ready()}, max(3, args.repeats))
+    t_fwd = rates["fwd"]
     M = 2048 if jax.default_backend() == "cpu" else 8192
     A = jnp.ones((M, M), DTYPES[args.dtype])
     mm = jax.jit(lambda a: a @ a)
-    t_mm = timed(lambda: mm(A).block_until_ready(), 3)
+    t_mm = interleaved({"mm": lambda: mm(A).block_until_ready()}, 3)["mm"]
 
     names = {"scan": "jaxcf lax.scan (jit)", "loop": "jaxcf Python loop of jitted steps",
              "torch": "diffusers (PyTorch) loop"}

@@ -124,8 +124,9 @@ _enabled = True
 @contextlib.contextmanager
 def disabled():
     """Within this block, :func:`conv_general_dilated` traces XLA's convolution everywhere (e.g. to
-    count a model's direct-convolution FLOPs, or as a reference); already-traced functions keep
-    what they traced."""
+    count a model's direct-convolution FLOPs, or as a reference). A trace is cached per function
+    and kept: a function traced before the block keeps Winograd inside it, and one traced inside
+    keeps XLA's convolution after it (so trace a function object of its own here)."""
     global _enabled
     before, _enabled = _enabled, False
     try:
