@@ -19,22 +19,23 @@ def interleaved(fns: dict, repeats: int) -> dict:
     (compilation, and an executable's one-time set-up). Repeats alternate between the functions,
     so load that comes and goes hits all of them; a function under LONG_SECONDS is timed as the
     mean over a block of about BLOCK_SECONDS of calls that follows one untimed call."""
-    calls = {}
+    calls = {}  # calls per timed block; None for a long function (one call, no hand-over)
     for k, fn in fns.items():
         fn()
         t0 = time.perf_counter()
         fn()
         dt = time.perf_counter() - t0
-        calls[k] = 1 if dt >= LONG_SECONDS else max(1, int(np.ceil(BLOCK_SECONDS / max(dt, 1e-6))))
+        calls[k] = None if dt >= LONG_SECONDS else int(np.ceil(BLOCK_SECONDS / max(dt, 1e-6)))
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            if calls[k] > 1:  # the hand-over call
+            if calls[k] is not None:  # the hand-over call
                 fn()
+            n = calls[k] or 1
             t0 = time.perf_counter()
-            for _ in range(calls[k]):
+            for _ in range(n):
                 fn()
-            times[k].append((time.perf_counter() - t0) / calls[k])
+            times[k].append((time.perf_counter() - t0) / n)
     return {k: float(np.median(v)) for k, v in times.items()}
 
 

@@ -134,8 +134,7 @@ def main():
         cost = jax.jit(lambda p, x: fwd(p, x)).lower(params, x0).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     unet_flops = float(cost.get("flops", 0.0))
-    rates = interleaved({"fwd": lambda: fwd_fn(params, x0).block_until_ready()}, max(3, args.repeats))
-    t_fwd = rates["fwd"]
+    t_fwd = interleaved({"fwd": lambda: fwd_fn(params, x0).block_until_ready()}, max(3, args.repeats))["fwd"]
     M = 2048 if jax.default_backend() == "cpu" else 8192
     A = jnp.ones((M, M), DTYPES[args.dtype])
     mm = jax.jit(lambda a: a @ a)

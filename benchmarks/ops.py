@@ -43,9 +43,6 @@ def main():
     B, R = args.batch, args.repeats
     rng = np.random.default_rng(0)
 
-    def bench(fns: dict) -> dict:
-        return interleaved(fns, R)
-
     rows = []
     for name, hw, cin, cout in CONVS:
         x = rng.standard_normal((B, hw, hw, cin), np.float32)
@@ -72,10 +69,10 @@ def main():
             out = torch.nn.functional.conv2d(xt_g, wt_g, padding=1)
             torch.autograd.grad((out ** 2).sum(), (xt_g, wt_g))
 
-        t = bench({"xla_fwd": lambda: fwd(xj, wj).block_until_ready(), "torch_fwd": torch_fwd,
-                   "jaxcf_fwd": lambda: jfwd(xj, wj).block_until_ready(),
-                   "xla_fwd_bwd": lambda: jax.block_until_ready(grad(xj, wj)), "torch_fwd_bwd": torch_grad,
-                   "jaxcf_fwd_bwd": lambda: jax.block_until_ready(jgrad(xj, wj))})
+        t = interleaved({"xla_fwd": lambda: fwd(xj, wj).block_until_ready(), "torch_fwd": torch_fwd,
+                         "jaxcf_fwd": lambda: jfwd(xj, wj).block_until_ready(),
+                         "xla_fwd_bwd": lambda: jax.block_until_ready(grad(xj, wj)), "torch_fwd_bwd": torch_grad,
+                         "jaxcf_fwd_bwd": lambda: jax.block_until_ready(jgrad(xj, wj))}, R)
         flops = 2 * B * hw * hw * cin * cout * 9
         rows.append({"op": name, "jaxcf_route": route, "gflop": flops / 1e9, **{f"{k}_ms": v * 1e3 for k, v in t.items()},
                      "xla_fwd_gflops": flops / t["xla_fwd"] / 1e9, "torch_fwd_gflops": flops / t["torch_fwd"] / 1e9,
@@ -95,7 +92,7 @@ def main():
             with torch.no_grad():
                 torch.nn.functional.silu(tgn(xt))
 
-        t = bench({"xla_fwd": lambda: f(p, xj).block_until_ready(), "torch_fwd": torch_gn})
+        t = interleaved({"xla_fwd": lambda: f(p, xj).block_until_ready(), "torch_fwd": torch_gn}, R)
         rows.append({"op": f"GroupNorm(32)+SiLU {hw}px {c}ch", **{f"{k}_ms": v * 1e3 for k, v in t.items()}})
 
     # the 'small' UNet's attention: 16 x 16 pixels, 128 channels in 16 heads of 8
@@ -108,8 +105,8 @@ def main():
         with torch.no_grad():
             torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
 
-    t = bench({"xla_fwd": lambda: ref(qj, kj, vj).block_until_ready(), "torch_fwd": torch_attn,
-               "jaxcf_fwd": lambda: ours(qj, kj, vj).block_until_ready()})
+    t = interleaved({"xla_fwd": lambda: ref(qj, kj, vj).block_until_ready(), "torch_fwd": torch_attn,
+                     "jaxcf_fwd": lambda: ours(qj, kj, vj).block_until_ready()}, R)
     rows.append({"op": "attention 256 px, 16 heads x 8", **{f"{k}_ms": v * 1e3 for k, v in t.items()},
                  "jaxcf_max_abs_diff": float(jnp.max(jnp.abs(ours(qj, kj, vj) - ref(qj, kj, vj))))})
 
@@ -117,7 +114,7 @@ def main():
     a = rng.standard_normal((M, M), np.float32)
     aj, at = jnp.asarray(a), torch.from_numpy(a)
     mm = jax.jit(lambda a: a @ a)
-    t = bench({"xla_fwd": lambda: mm(aj).block_until_ready(), "torch_fwd": lambda: at @ at})
+    t = interleaved({"xla_fwd": lambda: mm(aj).block_until_ready(), "torch_fwd": lambda: at @ at}, R)
     rows.append({"op": f"matmul {M}x{M}", "gflop": 2 * M**3 / 1e9, **{f"{k}_ms": v * 1e3 for k, v in t.items()},
                  "xla_fwd_gflops": 2 * M**3 / t["xla_fwd"] / 1e9, "torch_fwd_gflops": 2 * M**3 / t["torch_fwd"] / 1e9})
 

@@ -140,7 +140,7 @@ def winograd_applies(lhs_shape, rhs_shape, dtype, window_strides, padding, lhs_d
     """Does :func:`conv_general_dilated` take the Winograd route for this convolution?"""
     if not _enabled or (backend or jax.default_backend()) != "cpu" or jnp.dtype(dtype) != jnp.float32 or len(lhs_shape) != 4:
         return False
-    nhwc = jax.lax.conv_dimension_numbers(lhs_shape, rhs_shape, ("NHWC", "HWIO", "NHWC"))
+    nhwc = jax.lax.conv_dimension_numbers(lhs_shape, rhs_shape, _NHWC)
     if dimension_numbers is None or jax.lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers) != nhwc:
         return False
     ones = (1, 1)
