@@ -17,6 +17,10 @@ DiDAE decoder and DiCap tiny CLIP at their shipped configs.
 (jaxcf: the models' ``dtype``; diffusers: ``torch.autocast`` with bfloat16). Compilation and
 the first steps are excluded. Prints a table and writes JSON.
 
+``--cpu_devices`` splits the CPU into JAX devices as ``python -m jaxcf.main`` does (auto: 2 on a
+2-core machine; ``--cpu_devices=1`` measures one device), so jaxcf's steps are data-parallel over
+them; PyTorch uses its own threads either way.
+
   python benchmarks/train.py --size=small --batch=8 --steps=5 --repeats=3 --out=benchmarks/results/train_cpu.json
 """
 
@@ -69,9 +73,12 @@ def jax_steps(update, state, batch, frozen=()):
 
 def step_cost(update, state, batch, frozen=()) -> float:
     """FLOPs of one compiled update step (XLA cost analysis; 0 when not reported)."""
+    import jax
+
     cost = update.lower(state, batch, *frozen).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float((cost or {}).get("flops", 0.0))
+    # XLA reports the FLOPs of one device's share of a data-parallel (SPMD) program
+    return float((cost or {}).get("flops", 0.0)) * jax.device_count()
 
 
 def interleaved(runners: dict, steps: int, repeats: int) -> dict:
@@ -241,9 +248,15 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--skip_torch", action="store_true")
     ap.add_argument("--only", default="unet,decoder,clip", help="comma-separated subset of unet,decoder,clip")
+    ap.add_argument("--cpu_devices", default="auto",
+                    help="JAX devices the CPU is split into (jaxcf.train.cpu_devices; auto: as python -m jaxcf.main "
+                         "does, 2 on a 2-core machine); jaxcf's steps run data-parallel over them")
     ap.add_argument("--out", default="benchmarks/results/train_cpu.json")
     args = ap.parse_args()
 
+    from jaxcf.train import cpu_devices
+
+    cpu_devices.apply(args.cpu_devices)  # before JAX starts a backend
     import jax
 
     only = set(args.only.split(","))
@@ -263,7 +276,7 @@ def main():
              "decoder_jaxcf": "DiffAE decoder (square_tiny), jaxcf", "clip_jaxcf": "tiny CLIP (DiCap toy), jaxcf"}
     import torch
 
-    device = (f"{jax.devices()[0].device_kind} ({jax.default_backend()}), "
+    device = (f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}), "
               f"torch threads {torch.get_num_threads()}")
     print(f"\nTraining steps, {args.dtype}, {args.steps} steps x {args.repeats} repeats (median) on {device}")
     print(f"{'model':40s} {'params':>9s} {'batch':>6s} {'s/step':>8s} {'steps/s':>8s} {'GFLOP/s':>8s} {'vs diffusers':>13s}")
@@ -278,7 +291,8 @@ def main():
                      "gflop_per_s": gflops, "speedup_vs_diffusers": ratio, **info})
     out = {"dtype": args.dtype, "steps": args.steps, "repeats": args.repeats, "device": device,
            "backend": jax.default_backend(), "platform": platform.platform(), "jax": jax.__version__,
-           "torch": torch.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": rows}
+           "torch": torch.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+           "jax_devices": jax.device_count(), "cpu_devices": args.cpu_devices, "rows": rows}
     write_json(args.out, out)
 
 

@@ -22,6 +22,11 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "Multi-process setup: auto (from JAXCF_COORDINATOR_ADDRESS/JAXCF_NUM_PROCESSES/JAXCF_PROCESS_ID, a SLURM "
     "step or a multi-host TPU slice; else one process), on (always call jax.distributed.initialize), off.")
+_CPU_DEVICES = flags.DEFINE_string(
+    "cpu_devices", "auto",
+    "JAX devices the CPU backend is split into, so data parallelism fills the cores: auto (2 on a single-process "
+    "run with 2+ cores, unless JAX_NUM_CPU_DEVICES or XLA_FLAGS set it; JAXCF_CPU_DEVICES overrides auto) or "
+    "a positive integer. Accelerator runs are unaffected.")
 _BREAK_LOCK = flags.DEFINE_bool(
     "break_lock", False, "Remove the workdir's lock (jaxcf.lock) of a run that is known to be gone, then run.")
 
@@ -125,7 +130,7 @@ def parse_flags(argv):
         if m:
             die(f"--config.{m.group(1)}={m.group(2)}: not a valid {_field_type(config_arg, m.group(1))} ({m.group(3)})")
         if msg.startswith("Unknown command line flag"):
-            msg += "; jaxcf's flags: --config, --config.FIELD=VALUE, --workdir, --distributed, --break_lock"
+            msg += "; jaxcf's flags: --config, --config.FIELD=VALUE, --workdir, --distributed, --cpu_devices, --break_lock"
         die(msg.replace("Unknown command line flag", "unknown flag"))
     except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised by ml_collections on overrides
         for a in argv:
@@ -173,6 +178,12 @@ def main(argv):
     try:  # before anything touches a device
         multi = distributed.initialize(_DISTRIBUTED.value)
     except distributed.DistributedError as e:
+        die(e)
+    from jaxcf.train import cpu_devices
+
+    try:  # also before any backend exists
+        cpu_devices.apply(_CPU_DEVICES.value, multi_process=multi is not None)
+    except cpu_devices.CpuDevicesError as e:
         die(e)
     if multi is not None:
         print(f"jaxcf: {distributed.describe()}", file=sys.stderr)

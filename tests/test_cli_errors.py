@@ -37,12 +37,13 @@ CASES = [
     ("unknown_flag", [f"{DICAP}:test", "--nosuchflag=1"], "unknown flag 'nosuchflag'; jaxcf's flags: --config"),
     ("positional_argument", [f"{DICAP}:test", "extra"], "unexpected arguments: extra"),
     ("distributed_mode", [f"{DICAP}:test", "--distributed=maybe"], "--distributed=maybe: value should be one of <auto|on|off>"),
+    ("cpu_devices", [f"{DICAP}:test", "--cpu_devices=0"], "--cpu_devices='0' is not allowed; allowed: auto or a positive integer"),
     # paths and the workdir
     ("no_workdir", [f"{DICAP}:test", "--workdir="], "--workdir is required"),
     ("workdir_is_a_file", [f"{DICAP}:test", "--workdir={file}"], "is a file; give a folder"),
     ("workdir_in_use", [f"{DICAP}:test", "--workdir={locked}"], "is in use by another run: pid"),
     # the mesh (a list field, given as axis:size pairs)
-    ("mesh_too_many_devices", [f"{DICAP}:test", "--config.mesh=data:3"], "config.mesh [('data', 3)] needs 3 devices, but 1"),
+    ("mesh_too_many_devices", [f"{DICAP}:test", "--config.mesh=data:3"], "config.mesh [('data', 3)] needs 3 devices, but "),
     ("mesh_no_data_axis", [f"{DICAP}:test", "--config.mesh=model:-1"], "config.mesh=[('model', -1)] needs a 'data' axis"),
     ("mesh_malformed", [f"{DICAP}:test", "--config.mesh=data"], "--config.mesh='data' must be axis:size pairs"),
     ("mesh_repeated_axis", [f"{DICAP}:test", "--config.mesh=data:-1,data:1"], "repeated axis names"),

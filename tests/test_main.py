@@ -82,11 +82,19 @@ def test_command_line_errors_are_one_clear_line(tmp_path):
 
 
 def _final_params(workdir):
+    import jax
     import orbax.checkpoint as ocp
 
     ckpt = os.path.join(workdir, "checkpoints")
     last = max(int(s) for s in os.listdir(ckpt) if s.isdigit())
-    return last, ocp.StandardCheckpointer().restore(os.path.join(ckpt, str(last), "default"))
+    path = os.path.join(ckpt, str(last), "default")
+    ckptr = ocp.StandardCheckpointer()
+    # onto this process's first device: the runs saved it from however many devices they had (cpu_devices)
+    meta = getattr(ckptr.metadata(path), "item_metadata", None) or ckptr.metadata(path)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
+                                    getattr(meta, "tree", meta))
+    return last, ckptr.restore(path, target)
 
 
 def _steps(workdir):
@@ -146,6 +154,14 @@ def test_preempted_and_killed_runs_resume_to_the_same_parameters(tmp_path):
     for x, y in zip(jax.tree_util.tree_leaves(a["params"]), jax.tree_util.tree_leaves(b["params"])):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
     assert (work / "results.json").exists() and (work / "samples.png").exists()
+    # every launch split the CPU as --cpu_devices=auto says (2 devices on a 2-core machine), and resumed exactly
+    import json
+
+    from jaxcf.train import cpu_devices
+
+    n = cpu_devices.plan("auto", environ=env) or 1
+    for run_dir in (tmp_path / "ref", work):
+        assert json.loads((run_dir / "results.json").read_text())["timing"]["devices"] == f"{n} cpu"
 
 
 def _interrupt_twice_and_finish(work, args, env):
@@ -178,3 +194,28 @@ def _interrupt_twice_and_finish(work, args, env):
     resumed = run_main(*args, f"--workdir={work}", timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _first_logged_step(work, logged) > kill_step
+
+
+def test_a_run_resumes_on_another_number_of_cpu_devices(tmp_path):
+    """Stopped (SIGTERM) while split into ``--cpu_devices=2``, rerun with one device: the checkpoint
+    is restored onto the new layout and the run continues from it (nothing renamed .corrupt)."""
+    import json
+
+    args = [f"--config={DIFFUSION}:test", "--config.train.steps=12", "--config.checkpoint_every=2",
+            "--config.model.config.block_out_channels=(8,)", "--config.model.config.down_block_types=('DownBlock2D',)",
+            "--config.model.config.up_block_types=('UpBlock2D',)", f"--workdir={tmp_path / 'w'}"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    work = tmp_path / "w"
+    with open(tmp_path / "a.log", "w") as log:
+        proc = subprocess.Popen(main_cmd(*args, "--cpu_devices=2"), cwd=ROOT, env=env, stdout=log, stderr=log)
+        _wait_for_checkpoint_after(proc, work, 0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, (tmp_path / "a.log").read_text()[-2000:]
+    term_step = max(_steps(work))
+    assert term_step < 12
+    logged = _num_logged(work)
+    resumed = run_main(*args, "--cpu_devices=1", timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _first_logged_step(work, logged) > term_step  # continued, did not start again
+    assert not [p for p in os.listdir(work / "checkpoints") if p.endswith(".corrupt")]
+    assert json.loads((work / "results.json").read_text())["timing"]["devices"] == "1 cpu"

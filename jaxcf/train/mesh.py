@@ -95,11 +95,18 @@ def shard_batch(batch: Any, mesh: Mesh, axis: str = "data") -> Any:
 
 
 def check_batch_divisible(global_batch: int, mesh: Mesh, field: str, axis: str = "data") -> None:
+    """Raises :class:`jaxcf.configs.ConfigError` (a ValueError; ``jaxcf.main`` prints it as one line)
+    naming ``field`` when the batch does not split evenly over the devices and processes."""
+    from jaxcf.configs import ConfigError
+
     n = mesh.shape.get(axis, 1) if hasattr(mesh.shape, "get") else dict(mesh.shape).get(axis, 1)
     if global_batch % n:
-        raise ValueError(f"{field}={global_batch} must be divisible by the {n} devices of the mesh axis {axis!r}")
+        hint = ""
+        if jax.default_backend() == "cpu" and jax.process_count() == 1:  # jaxcf.train.cpu_devices split the host
+            hint = " (this CPU is split into that many devices; --cpu_devices=1 or a divisor of the batch)"
+        raise ConfigError(f"{field}={global_batch} must be divisible by the {n} devices of the mesh axis {axis!r}{hint}")
     if global_batch % jax.process_count():
-        raise ValueError(f"{field}={global_batch} must be divisible by the {jax.process_count()} processes")
+        raise ConfigError(f"{field}={global_batch} must be divisible by the {jax.process_count()} processes")
 
 
 def to_host(tree: Any) -> Any:
