@@ -94,7 +94,6 @@ def interleaved(runners: dict, steps: int, repeats: int) -> dict:
 
 def unet_setup(size: str, batch: int, dtype: str):
     """(jaxcf runner, torch runner, info) for the UNet2DModel comparison."""
-    import jax
     import jax.numpy as jnp
     import optax
     import torch
@@ -201,7 +200,6 @@ def decoder_setup(batch: int | None, dtype: str):
 
 def clip_setup(batch: int | None, dtype: str):
     """jaxcf runner for the tiny CLIP of configs/dicap.py:toy, trained as the foundation does."""
-    import jax
     import optax
 
     from jaxcf.models.clip import CLIP, CLIPConfig, contrastive_loss, to_clip_input
