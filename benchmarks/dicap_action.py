@@ -8,7 +8,16 @@ action with an *oracle* mask (the source's and the target's silhouettes from the
 one pixel), the most any mask can give: if the oracle row does not flip, the generator cannot draw
 the target shape and no choice of mask will fix it.
 
+First, what the generator knows (a generator check with the same judge): each shot is noised to
+level t by the forward process (one draw per shot and t), and the judge reads the shape of the
+generator's one-step estimate x0_hat(x_t). Where x0_hat no longer shows the source shape, the
+source's shape is gone from x_t as far as this generator is concerned, and an action that starts
+there has to draw a shape from the generator's prior.
+
   python benchmarks/dicap_action.py --config=configs/dicap.py:toy --out=benchmarks/results/dicap_action_cpu.json
+
+Abduction depth and scales are the config's and the flag's:
+``--config.counterfactual.depth=0.25 --scales=20,50,100,200``.
 """
 
 import os
@@ -25,6 +34,8 @@ from common import write_json  # benchmarks/common.py (scripts run from their fo
 _CONFIG = config_flags.DEFINE_config_file("config", None, "DiCap config, e.g. configs/dicap.py:toy.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/jaxcf_dicap_action", "where the foundation exports live")
 _SCALES = flags.DEFINE_list("scales", ["10", "20"], "guidance scales s")
+_LEVELS = flags.DEFINE_list("levels", ["50", "100", "200", "300", "400", "600"],
+                            "noise levels t at which the judge reads x0_hat (empty: skip)")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/dicap_action_cpu.json", "JSON output")
 
 
@@ -33,7 +44,7 @@ def main(argv):
     from jaxcf.data.shapes import judge_shapes, render_shapes, with_shape
     from jaxcf.dicap.runs import anti_causal_log_prob
     from jaxcf.dicap.sources import few_shot_source
-    from jaxcf.diffusion import ddim_invert, grow_mask, guided_denoise
+    from jaxcf.diffusion import ddim_invert, grow_mask, guided_denoise, predict_x0
     from jaxcf.foundation import build_foundation, template_text_features
     from jaxcf.train import make_mesh
 
@@ -67,6 +78,27 @@ def main(argv):
         return jax.lax.switch(how, [lambda: run(), lambda: run(source_trajectory=traj),
                                     lambda: run(source_trajectory=traj, mask=fixed)])
 
+    @jax.jit
+    def x0_hat(x, t, key):  # the generator's one-step estimate of x from the forward process at level t
+        a = found.schedule.alphas_cumprod[t]
+        x_t = jnp.sqrt(a) * x + jnp.sqrt(1 - a) * jax.random.normal(key, x.shape)
+        return predict_x0(x_t, eps_fn(x_t, jnp.full((x.shape[0],), t), None), a)
+
+    known = []
+    if _LEVELS.value:
+        print(f"{len(x)} shots: the source shape read by the judge from x0_hat(x_t)")
+        print("| t | source shape read (judge) | L1 to the source |")
+        print("|---|---|---|")
+    for t in (int(v) for v in _LEVELS.value):
+        est = np.concatenate([np.asarray(x0_hat(jnp.asarray(x[i:i + cf.batch_size]), t,
+                                                jax.random.fold_in(jax.random.key(t), i)))
+                              for i in range(0, len(x), cf.batch_size)])
+        est = np.clip(est, -1, 1)
+        j = judge_shapes(est, factors, resolution=c.data.resolution)
+        known.append({"t": t, "judge_source_shape": float(np.mean(j["shape"] == factors[:, 0])),
+                      "l1": float(np.mean(np.abs(est - x)))})
+        print(f"| {t} | {100 * known[-1]['judge_source_shape']:.1f} | {known[-1]['l1']:.3f} |", flush=True)
+
     rows = []
     print(f"{len(x)} shots, guide_on={cf.guide_on}, depth {cf.depth}, {cf.ddim_steps} steps, "
           f"edit mask threshold {cf.mask_threshold}, dilation {cf.mask_dilation}")
@@ -89,7 +121,7 @@ def main(argv):
             print(f"| {name} | {scale:g} | {100 * row['judge_flip_rate']:.1f} | {100 * row['judge_kept_shape']:.1f} | "
                   f"{row['background_l1']:.3f} | {row['object_color_l1']:.3f} |", flush=True)
     write_json(_OUT.value, {"config": c.to_dict(), "images": int(len(x)), "y_cf": "random other base class (rng 0)",
-                            "rows": rows})
+                            "x0_hat_known": known, "rows": rows})
 
 
 if __name__ == "__main__":
