@@ -48,3 +48,18 @@ def test_apply_splits_the_cpu_before_the_backend_starts():
                          env=dict(env, JAX_PLATFORMS="cpu"))
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.splitlines()[-1]) == [3, 3, "cpu"]
+
+
+def test_after_the_backend_started_auto_keeps_it_and_a_number_is_an_error():
+    code = ("import json, jax; jax.devices(); from jaxcf.train import cpu_devices\n"
+            "auto = cpu_devices.apply('auto')\n"
+            "try:\n    cpu_devices.apply('2'); err = ''\n"
+            "except cpu_devices.CpuDevicesError as e:\n    err = str(e)\n"
+            "print(json.dumps([auto, jax.device_count(), err]))")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", "JAXCF_CPU_DEVICES")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env=dict(env, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    auto, count, err = json.loads(out.stdout.splitlines()[-1])
+    assert auto is None and count == 1
+    assert "--cpu_devices=2: JAX has already started its backends" in err

@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 from typing import Mapping, Optional
 
+from absl import logging
+
 ENV = "JAXCF_CPU_DEVICES"
 AUTO_MAX = 2  # the device count measured to help on a 2-core CPU; larger hosts: pass a number
 
@@ -75,5 +77,13 @@ def apply(value: str = "auto", *, multi_process: bool = False) -> Optional[int]:
     if n is not None:
         import jax
 
-        jax.config.update("jax_num_cpu_devices", n)
+        try:
+            jax.config.update("jax_num_cpu_devices", n)
+        except RuntimeError as e:  # a backend already exists (JAX used before, e.g. in a notebook)
+            if str(value).strip() != "auto":
+                raise CpuDevicesError(f"--cpu_devices={value}: JAX has already started its backends in this "
+                                      "process; set it before any JAX operation") from e
+            logging.warning("cpu_devices=auto: JAX's backends already exist in this process; keeping %d CPU "
+                            "device(s)", jax.local_device_count("cpu"))
+            return None
     return n
