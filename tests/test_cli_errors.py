@@ -37,6 +37,8 @@ CASES = [
     ("unknown_flag", [f"{DICAP}:test", "--nosuchflag=1"], "unknown flag 'nosuchflag'; jaxcf's flags: --config"),
     ("positional_argument", [f"{DICAP}:test", "extra"], "unexpected arguments: extra"),
     ("distributed_mode", [f"{DICAP}:test", "--distributed=maybe"], "--distributed=maybe: value should be one of <auto|on|off>"),
+    ("batch_on_split_cpu", [f"{DICAP}:test", "--cpu_devices=2", "--config.train.batch_size=7"],
+     "config.train.batch_size=7 must be divisible by the 2 devices of the mesh axis 'data' (this CPU is split"),
     ("cpu_devices", [f"{DICAP}:test", "--cpu_devices=0"], "--cpu_devices='0' is not allowed; allowed: auto or a positive integer"),
     # paths and the workdir
     ("no_workdir", [f"{DICAP}:test", "--workdir="], "--workdir is required"),

@@ -51,12 +51,35 @@ def run(config, workdir: str, break_lock: bool = False):
         mesh = make_mesh(config.mesh)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    check_sharded_batches(config, mesh)
     from jaxcf.utils import compile_cache
 
     with _workdir_lock(workdir, break_lock):
         write_config(config, workdir)
         compile_cache.start()  # results.json's "timing": compile vs run seconds of this run
         return pipeline.run(config, workdir, mesh)
+
+
+# the batch fields that every pipeline having them splits over the mesh's data axis (fit, the
+# counterfactual generation); a foundation field matters when that model is trained, which changing it causes
+SHARDED_BATCHES = ("train.batch_size", "counterfactual.batch_size", "foundation.clip_train.batch_size",
+                   "foundation.unet_train.batch_size", "foundation.noise_classifier.batch_size",
+                   "encoder.batch_size", "student.batch_size", "oracle.batch_size", "cfkd.batch_size",
+                   "decoder.train.batch_size")
+
+
+def check_sharded_batches(config, mesh) -> None:
+    """Each field of SHARDED_BATCHES the config has must divide by the data axis (and the process
+    count): checked before any work, so an odd batch on a CPU split into devices
+    (:mod:`jaxcf.train.cpu_devices`) fails in a second, not after minutes of counterfactuals."""
+    from jaxcf.train.mesh import check_batch_divisible
+
+    for field in SHARDED_BATCHES:
+        node = config
+        for part in field.split("."):
+            node = node.get(part) if hasattr(node, "get") else None
+        if isinstance(node, int) and not isinstance(node, bool):
+            check_batch_divisible(node, mesh, f"config.{field}")
 
 
 def _workdir_lock(workdir: str, break_lock: bool):
