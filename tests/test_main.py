@@ -90,7 +90,8 @@ def _final_params(workdir):
     path = os.path.join(ckpt, str(last), "default")
     ckptr = ocp.StandardCheckpointer()
     # onto this process's first device: the runs saved it from however many devices they had (cpu_devices)
-    meta = getattr(ckptr.metadata(path), "item_metadata", None) or ckptr.metadata(path)
+    meta = ckptr.metadata(path)
+    meta = getattr(meta, "item_metadata", None) or meta
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
                                     getattr(meta, "tree", meta))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 
-from jaxcf.configs import ConfigError, validate_common
+from jaxcf.configs import ConfigError, get, validate_common
 from jaxcf.utils import io
 
 # name -> "module:function"; each module also has validate(config), called before any work.
@@ -75,11 +75,12 @@ def check_sharded_batches(config, mesh) -> None:
     from jaxcf.train.mesh import check_batch_divisible
 
     for field in SHARDED_BATCHES:
-        node = config
-        for part in field.split("."):
-            node = node.get(part) if hasattr(node, "get") else None
-        if isinstance(node, int) and not isinstance(node, bool):
-            check_batch_divisible(node, mesh, f"config.{field}")
+        try:
+            value = get(config, field)
+        except ConfigError:  # this pipeline has no such field
+            continue
+        if isinstance(value, int) and not isinstance(value, bool):
+            check_batch_divisible(value, mesh, f"config.{field}")
 
 
 def _workdir_lock(workdir: str, break_lock: bool):

@@ -5,7 +5,7 @@ step's operations (small convolutions, the kernel gradients' long contractions, 
 elementwise updates) keep only one core busy. Splitting the host into N JAX devices
 (``jax_num_cpu_devices``) makes the ordinary data-parallel mesh run N programs side by side, each
 on 1/N of the batch. Measured on a 2-core CPU (``python benchmarks/train.py``, README Speed): two
-devices make the training steps of the toy UNet and the DiffAE decoder 1.2-1.3x faster and the
+devices make the training steps of the toy UNet and the DiffAE decoder 1.4x faster and the
 results agree to float rounding (the gradient is summed in another order); four devices on two
 cores were slower.
 
