@@ -10,13 +10,16 @@ the target shape and no choice of mask will fix it.
 
 First, what the generator knows (a generator check with the same judge): each shot is noised to
 level t by the forward process (one draw per shot and t), and the judge reads the shape of the
-generator's one-step estimate x0_hat(x_t). Where x0_hat no longer shows the source shape, the
-source's shape is gone from x_t as far as this generator is concerned, and an action that starts
-there has to draw a shape from the generator's prior.
+generator's one-step estimate x0_hat(x_t); next to it, an ideal reader of the same x_t (the judge on
+x_t / sqrt(abar_t): the most probable shape given the other factors, no model). Where x0_hat no
+longer shows the source shape, the source's shape is gone from x_t as far as this generator is
+concerned, and an action that starts there has to draw a shape from the generator's prior; the
+ideal reader says how much of the shape x_t still holds at all.
 
   python benchmarks/dicap_action.py --config=configs/dicap.py:toy --out=benchmarks/results/dicap_action_cpu.json
 
-Abduction depth and scales are the config's and the flag's:
+``--png=grid.png`` also saves the first 16 shots, their ground-truth counterfactuals and every action's
+result as an image grid. Abduction depth and scales are the config's and the flag's:
 ``--config.counterfactual.depth=0.25 --scales=20,50,100,200``.
 """
 
@@ -34,9 +37,11 @@ from common import write_json  # benchmarks/common.py (scripts run from their fo
 _CONFIG = config_flags.DEFINE_config_file("config", None, "DiCap config, e.g. configs/dicap.py:toy.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/jaxcf_dicap_action", "where the foundation exports live")
 _SCALES = flags.DEFINE_list("scales", ["10", "20"], "guidance scales s")
-_LEVELS = flags.DEFINE_list("levels", ["50", "100", "200", "300", "400", "600"],
+_LEVELS = flags.DEFINE_list("levels", ["50", "100", "200", "300", "400", "500", "600"],
                             "noise levels t at which the judge reads x0_hat (empty: skip)")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/dicap_action_cpu.json", "JSON output")
+_PNG = flags.DEFINE_string("png", "", "optional image grid of the first 16 shots: sources, ground-truth "
+                           "counterfactuals, then one row per action and scale")
 
 
 def main(argv):
@@ -44,9 +49,10 @@ def main(argv):
     from jaxcf.data.shapes import judge_shapes, render_shapes, with_shape
     from jaxcf.dicap.runs import anti_causal_log_prob
     from jaxcf.dicap.sources import few_shot_source
-    from jaxcf.diffusion import ddim_invert, grow_mask, guided_denoise, predict_x0
+    from jaxcf.diffusion import ddim_invert, grow_mask, guided_denoise, predict_x0, q_sample
     from jaxcf.foundation import build_foundation, template_text_features
     from jaxcf.train import make_mesh
+    from jaxcf.utils.images import save_grid
 
     c = _CONFIG.value
     cf = c.counterfactual
@@ -80,26 +86,34 @@ def main(argv):
 
     @jax.jit
     def x0_hat(x, t, key):  # the generator's one-step estimate of x from the forward process at level t
-        a = found.schedule.alphas_cumprod[t]
-        x_t = jnp.sqrt(a) * x + jnp.sqrt(1 - a) * jax.random.normal(key, x.shape)
-        return predict_x0(x_t, eps_fn(x_t, jnp.full((x.shape[0],), t), None), a)
+        t = jnp.full((x.shape[0],), t)
+        x_t = q_sample(found.schedule, x, t, jax.random.normal(key, x.shape))
+        return x_t, predict_x0(x_t, eps_fn(x_t, t, None), found.schedule.alphas_cumprod[t])
 
     known = []
     if _LEVELS.value:
         print(f"{len(x)} shots: the source shape read by the judge from x0_hat(x_t)")
-        print("| t | source shape read (judge) | L1 to the source |")
-        print("|---|---|---|")
+        print("| t | source shape read (judge on x0_hat) | L1 to the source | ideal reader (judge on x_t / sqrt(abar_t)) |")
+        print("|---|---|---|---|")
     for t in (int(v) for v in _LEVELS.value):
-        est = np.concatenate([np.asarray(x0_hat(jnp.asarray(x[i:i + cf.batch_size]), t,
-                                                jax.random.fold_in(jax.random.key(t), i)))
-                              for i in range(0, len(x), cf.batch_size)])
-        est = np.clip(est, -1, 1)
+        pairs = [x0_hat(jnp.asarray(x[i:i + cf.batch_size]), t, jax.random.fold_in(jax.random.key(t), i))
+                 for i in range(0, len(x), cf.batch_size)]
+        x_t = np.concatenate([np.asarray(p[0]) for p in pairs])
+        est = np.clip(np.concatenate([np.asarray(p[1]) for p in pairs]), -1, 1)
         j = judge_shapes(est, factors, resolution=c.data.resolution)
+        # The same x_t read without any model: nearest rendering of x_t / sqrt(abar) in L2 is the most
+        # probable shape under the forward process's Gaussian noise, given the other factors (a ceiling)
+        ideal = judge_shapes(x_t / np.sqrt(float(found.schedule.alphas_cumprod[t])), factors,
+                             resolution=c.data.resolution)
         known.append({"t": t, "judge_source_shape": float(np.mean(j["shape"] == factors[:, 0])),
-                      "l1": float(np.mean(np.abs(est - x)))})
-        print(f"| {t} | {100 * known[-1]['judge_source_shape']:.1f} | {known[-1]['l1']:.3f} |", flush=True)
+                      "l1": float(np.mean(np.abs(est - x))),
+                      "ideal_source_shape": float(np.mean(ideal["shape"] == factors[:, 0]))})
+        print(f"| {t} | {100 * known[-1]['judge_source_shape']:.1f} | {known[-1]['l1']:.3f} | "
+              f"{100 * known[-1]['ideal_source_shape']:.1f} |", flush=True)
 
     rows = []
+    truth, _ = render_shapes(with_shape(factors[:16], target[:16]), resolution=c.data.resolution)
+    grid = [x[:16], truth.astype(np.float32) / 127.5 - 1]
     print(f"{len(x)} shots, guide_on={cf.guide_on}, depth {cf.depth}, {cf.ddim_steps} steps, "
           f"edit mask threshold {cf.mask_threshold}, dilation {cf.mask_dilation}")
     print("| action | s | flip to y_cf (judge) | shape kept (judge) | background L1 | object colour L1 |")
@@ -112,6 +126,7 @@ def main(argv):
                 out.append(np.asarray(action(jnp.asarray(x[sl]), jnp.asarray(y_cf[sl], jnp.int32), scale,
                                              jnp.asarray(oracle[sl]), how)))
             x_cf = np.clip(np.concatenate(out), -1, 1)
+            grid.append(x_cf[:16])
             j = judge_shapes(x_cf, factors, resolution=c.data.resolution)
             row = {"action": name, "scale": scale, "judge_flip_rate": float(np.mean(j["shape"] == target)),
                    "judge_kept_shape": float(np.mean(j["shape"] == factors[:, 0])),
@@ -122,6 +137,9 @@ def main(argv):
                   f"{row['background_l1']:.3f} | {row['object_color_l1']:.3f} |", flush=True)
     write_json(_OUT.value, {"config": c.to_dict(), "images": int(len(x)), "y_cf": "random other base class (rng 0)",
                             "x0_hat_known": known, "rows": rows})
+    if _PNG.value:
+        print("grid (rows: sources, ground truth, then each scale's unmasked / edit mask / oracle mask):",
+              save_grid(grid, _PNG.value, scale=3))
 
 
 if __name__ == "__main__":

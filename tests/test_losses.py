@@ -6,7 +6,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jaxcf.diffusion import PREDICTIONS, as_eps_fn, denoising_loss, make_schedule
+from jaxcf.diffusion import PREDICTIONS, as_eps_fn, denoising_loss, make_schedule, q_sample
 from jaxcf.diffusion.losses import eps_and_x0, target
 
 
@@ -61,3 +61,30 @@ def test_denoising_loss_is_the_mse_to_the_target(prediction):
     x_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * eps
     want = {"eps": eps, "x0": x0, "v": np.sqrt(a) * eps - np.sqrt(1 - a) * x0}[prediction]
     np.testing.assert_allclose(float(loss), np.mean((x_t - want) ** 2), rtol=1e-4)
+
+
+def test_max_t_draws_only_levels_below_it_and_q_sample_is_the_forward_process():
+    """max_t: the network sees only t < max_t (recorded by a probe 'network'); q_sample against float64."""
+    schedule = make_schedule("linear", 1000)
+    seen = []
+
+    class Probe:
+        @staticmethod
+        def apply(params, x_t, t):
+            jax.debug.callback(lambda t: seen.append(np.asarray(t)), t)
+            return x_t
+
+    x0 = jnp.zeros((64, 2, 2, 1))
+    for i in range(4):
+        denoising_loss(Probe, schedule, max_t=50)({}, {"image": x0}, jax.random.key(i))
+    seen = np.concatenate(seen)
+    assert seen.max() < 50 and len(np.unique(seen)) > 30  # below max_t, and spread over it
+    with pytest.raises(ValueError, match="max_t=0; allowed: 1..1000"):
+        denoising_loss(Probe, schedule, max_t=0)
+    x = np.random.default_rng(0).uniform(-1, 1, (3, 2, 2, 1))
+    e = np.random.default_rng(1).normal(size=x.shape)
+    t = np.array([0, 500, 999])
+    a = np.asarray(schedule.alphas_cumprod, np.float64)[t][:, None, None, None]
+    np.testing.assert_allclose(np.asarray(q_sample(schedule, jnp.asarray(x, jnp.float32), jnp.asarray(t),
+                                                   jnp.asarray(e, jnp.float32))),
+                               np.sqrt(a) * x + np.sqrt(1 - a) * e, rtol=1e-5, atol=1e-6)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxcf.diffusion.losses import q_sample
 from jaxcf.models.blocks import GroupNorm, timestep_embedding
 
 
@@ -52,9 +53,7 @@ def noisy_images(schedule, x0, rng, max_t: int):
     """(x_t, t): x0 noised to uniform t in [0, max_t) with the forward process q(x_t | x_0)."""
     k_t, k_e = jax.random.split(rng)
     t = jax.random.randint(k_t, (x0.shape[0],), 0, max_t)
-    abar = schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)
-    eps = jax.random.normal(k_e, x0.shape, x0.dtype)
-    return jnp.sqrt(abar) * x0 + jnp.sqrt(1 - abar) * eps, t
+    return q_sample(schedule, x0, t, jax.random.normal(k_e, x0.shape, x0.dtype)), t
 
 
 def noisy_classification_loss(model: NoiseAwareClassifier, schedule, max_t: int):

@@ -14,11 +14,12 @@ from jaxcf.diffusion.ddim import (
     guided_eps,
     predict_x0,
 )
-from jaxcf.diffusion.losses import PREDICTIONS, as_eps_fn, denoising_loss
+from jaxcf.diffusion.losses import PREDICTIONS, as_eps_fn, denoising_loss, q_sample
 from jaxcf.diffusion.schedules import SCHEDULES, NoiseSchedule, ddim_timesteps, grid_alphas, make_schedule
 
 __all__ = [
     "PREDICTIONS", "SCHEDULES", "NoiseSchedule", "as_eps_fn", "chain_guided_denoise", "denoising_loss", "ddim_invert",
     "ddim_sample", "ddim_step", "ddim_timesteps", "denoise_to_x0", "edit_mask", "eps_from_v",
     "grid_alphas", "grow_mask", "guidance_gradient", "guided_denoise", "guided_eps", "make_schedule", "predict_x0",
+    "q_sample",
 ]

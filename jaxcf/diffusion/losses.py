@@ -67,9 +67,19 @@ def as_eps_fn(model_fn: Callable, schedule, prediction: str = "eps", clip_x0: bo
     return eps_fn
 
 
-def denoising_loss(model, schedule, cond_fn: Callable | None = None, prediction: str = "eps"):
+def q_sample(schedule, x0, t, eps):
+    """The forward process: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, for timesteps t [B]."""
+    a = _bcast(schedule.alphas_cumprod[t], x0)
+    return jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * eps
+
+
+def denoising_loss(model, schedule, cond_fn: Callable | None = None, prediction: str = "eps",
+                   max_t: int | None = None):
     """The DDPM objective || target - net(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, *cond) ||^2, t ~ U{0..T-1},
     with target = eps, v or x0 (``prediction``); eps gives the usual eps-MSE.
+
+    ``max_t``: draw t from U{0..max_t-1} only (None: every level). A model used only below a level
+    (DiCap's action starts at ``depth`` T) spends its training there.
 
     ``cond_fn(batch, *frozen) -> tuple`` gives the extra model inputs (DiDAE: the semantic code
     z = Phi(x0) of a frozen encoder whose params come in as ``frozen``); default none.
@@ -77,18 +87,19 @@ def denoising_loss(model, schedule, cond_fn: Callable | None = None, prediction:
     """
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction={prediction!r}; allowed: {list(PREDICTIONS)}")
+    num_t = schedule.num_train_timesteps if max_t is None else int(max_t)
+    if not 0 < num_t <= schedule.num_train_timesteps:
+        raise ValueError(f"max_t={max_t!r}; allowed: 1..{schedule.num_train_timesteps} or None (every level)")
 
     def loss_fn(params, batch, rng, *frozen: Any):
         x0 = batch["image"]
         cond = tuple(cond_fn(batch, *frozen)) if cond_fn is not None else ()
         cond = jax.lax.stop_gradient(cond)
         k_t, k_e = jax.random.split(rng)
-        t = jax.random.randint(k_t, (x0.shape[0],), 0, schedule.num_train_timesteps)
+        t = jax.random.randint(k_t, (x0.shape[0],), 0, num_t)
         eps = jax.random.normal(k_e, x0.shape)
+        out = model.apply({"params": params}, q_sample(schedule, x0, t, eps), t, *cond)
         abar = schedule.alphas_cumprod[t]
-        a = _bcast(abar, x0)
-        x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * eps
-        out = model.apply({"params": params}, x_t, t, *cond)
         return jnp.mean((out.astype(jnp.float32) - target(prediction, x0, eps, abar)) ** 2), {}
 
     return loss_fn

@@ -21,7 +21,8 @@ def train_eps_model(model, schedule, dataset, train_cfg, workdir: str, mesh, con
     Resumes from ``workdir/checkpoints`` if present. ``train_cfg``: steps, batch_size,
     learning_rate, warmup_steps, ema_decay, optional weights ("ema", the default, or "final": the
     last iterate instead of the average) and prediction ("eps", the default, "v" or "x0": what the
-    network outputs; :func:`jaxcf.diffusion.as_eps_fn` turns it into eps for sampling).
+    network outputs; :func:`jaxcf.diffusion.as_eps_fn` turns it into eps for sampling) and max_t (train
+    on t < max_t only; 0 or absent: every level).
     ``init_params``: ready-made params or a traceable ``rng -> params`` (default
     :func:`jaxcf.models.init.fast_init` on an unconditional input); ``cond_fn`` and ``frozen`` as
     in :func:`denoising_loss`. ``config``: the run's checkpoint / logging / sharding fields
@@ -42,7 +43,8 @@ def train_eps_model(model, schedule, dataset, train_cfg, workdir: str, mesh, con
         if cond_fn is not None:
             raise ValueError("train_eps_model: label_dropout and cond_fn are exclusive")
         cond_fn = lambda batch: (batch["label"],)  # noqa: E731
-    loss_fn = denoising_loss(model, schedule, cond_fn, train_cfg.get("prediction", "eps"))
+    loss_fn = denoising_loss(model, schedule, cond_fn, train_cfg.get("prediction", "eps"),
+                             train_cfg.get("max_t") or None)
 
     def batch_fn(step):
         idx = stream_indices(len(dataset), train_cfg.batch_size, step, seed)
