@@ -18,11 +18,18 @@ ideal reader says how much of the shape x_t still holds at all.
 
   python benchmarks/dicap_action.py --config=configs/dicap.py:toy --out=benchmarks/results/dicap_action_cpu.json
 
+A control for the classifier (``--ideal_scales=1,3,10``): the same actions guided by the classifier
+that knows the world, log p(y | x_t) from the forward process's Gaussian noise around each base
+class's rendering with the shot's other factors (the ideal reader below, made differentiable). If
+the generator draws the target with this guidance, the learned classifier was the limit; if not,
+the generator is.
+
 ``--png=grid.png`` also saves the first 16 shots, their ground-truth counterfactuals and every action's
 result as an image grid. Abduction depth and scales are the config's and the flag's:
 ``--config.counterfactual.depth=0.25 --scales=20,50,100,200``.
 """
 
+import functools
 import os
 import sys
 
@@ -40,6 +47,8 @@ _SCALES = flags.DEFINE_list("scales", ["10", "20"], "guidance scales s")
 _LEVELS = flags.DEFINE_list("levels", ["50", "100", "200", "300", "400", "500", "600"],
                             "noise levels t at which the judge reads x0_hat (empty: skip)")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/dicap_action_cpu.json", "JSON output")
+_IDEAL = flags.DEFINE_list("ideal_scales", [], "guidance scales for the control with the ideal classifier "
+                            "(log p(y | x_t) from the renderer and the forward process; empty: skip)")
 _PNG = flags.DEFINE_string("png", "", "optional image grid of the first 16 shots: sources, ground-truth "
                            "counterfactuals, then one row per action and scale")
 
@@ -75,11 +84,26 @@ def main(argv):
     oracle = np.asarray(grow_mask(jnp.asarray(silhouettes), 1))
     eps_fn = found.eps_fn(found.diffusion_params)
 
-    @jax.jit
-    def action(x, y, scale, fixed, how):  # how: 0 unmasked, 1 edit mask, 2 the fixed mask
+    renders = np.stack([render_shapes(with_shape(factors, np.full(len(factors), k)), resolution=c.data.resolution)[0]
+                        for k in classes], 1).astype(np.float32) / 127.5 - 1  # [N, base classes, R, R, 3]
+
+    def ideal_log_prob(r):
+        """The classifier that knows the world: log p(y | x_t) of the forward process's Gaussian noise
+        around sqrt(abar_t) x (each base class's rendering with the shot's other factors), uniform prior."""
+        def log_prob(x, t, y):
+            a = found.schedule.alphas_cumprod[t].reshape(-1, 1)
+            d2 = jnp.sum((x[:, None] - jnp.sqrt(a)[..., None, None, None] * r) ** 2, axis=(2, 3, 4))
+            logp = jax.nn.log_softmax(-d2 / (2 * (1 - a)), -1)
+            return jnp.take_along_axis(logp, y[:, None], 1)[:, 0]
+        return log_prob
+
+    @functools.partial(jax.jit, static_argnums=5)
+    def action(x, y, scale, fixed, how, ideal, r):  # how: 0 unmasked, 1 edit mask, 2 the fixed mask
         x_t, traj = ddim_invert(eps_fn, x, None, found.schedule, cf.ddim_steps, cf.depth, return_trajectory=True)
-        kw = dict(guide_on=cf.guide_on, mask_threshold=cf.mask_threshold, mask_dilation=cf.mask_dilation)
-        run = lambda **k: guided_denoise(eps_fn, log_prob, x_t, None, y, scale, found.schedule,  # noqa: E731
+        kw = dict(guide_on="xt" if ideal else cf.guide_on, mask_threshold=cf.mask_threshold,
+                  mask_dilation=cf.mask_dilation)
+        lp = ideal_log_prob(r) if ideal else log_prob
+        run = lambda **k: guided_denoise(eps_fn, lp, x_t, None, y, scale, found.schedule,  # noqa: E731
                                          cf.ddim_steps, cf.depth, **kw, **k)
         return jax.lax.switch(how, [lambda: run(), lambda: run(source_trajectory=traj),
                                     lambda: run(source_trajectory=traj, mask=fixed)])
@@ -118,17 +142,18 @@ def main(argv):
           f"edit mask threshold {cf.mask_threshold}, dilation {cf.mask_dilation}")
     print("| action | s | flip to y_cf (judge) | shape kept (judge) | background L1 | object colour L1 |")
     print("|---|---|---|---|---|---|")
-    for scale in (float(v) for v in _SCALES.value):
+    for ideal, scale in [(False, float(v)) for v in _SCALES.value] + [(True, float(v)) for v in _IDEAL.value]:
         for how, name in enumerate(("unmasked", "edit mask", "oracle mask")):
+            name = f"{name}, ideal classifier" if ideal else name
             out = []
             for i in range(0, len(x), cf.batch_size):
                 sl = slice(i, i + cf.batch_size)
                 out.append(np.asarray(action(jnp.asarray(x[sl]), jnp.asarray(y_cf[sl], jnp.int32), scale,
-                                             jnp.asarray(oracle[sl]), how)))
+                                             jnp.asarray(oracle[sl]), how, ideal, jnp.asarray(renders[sl]))))
             x_cf = np.clip(np.concatenate(out), -1, 1)
             grid.append(x_cf[:16])
             j = judge_shapes(x_cf, factors, resolution=c.data.resolution)
-            row = {"action": name, "scale": scale, "judge_flip_rate": float(np.mean(j["shape"] == target)),
+            row = {"action": name, "ideal_classifier": ideal, "scale": scale, "judge_flip_rate": float(np.mean(j["shape"] == target)),
                    "judge_kept_shape": float(np.mean(j["shape"] == factors[:, 0])),
                    "background_l1": float(np.mean(j["background_l1"])),
                    "object_color_l1": float(np.mean(j["object_color_l1"]))}
