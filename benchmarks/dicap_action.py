@@ -153,7 +153,8 @@ def main(argv):
             x_cf = np.clip(np.concatenate(out), -1, 1)
             grid.append(x_cf[:16])
             j = judge_shapes(x_cf, factors, resolution=c.data.resolution)
-            row = {"action": name, "ideal_classifier": ideal, "scale": scale, "judge_flip_rate": float(np.mean(j["shape"] == target)),
+            row = {"action": name, "ideal_classifier": ideal, "scale": scale,
+                   "judge_flip_rate": float(np.mean(j["shape"] == target)),
                    "judge_kept_shape": float(np.mean(j["shape"] == factors[:, 0])),
                    "background_l1": float(np.mean(j["background_l1"])),
                    "object_color_l1": float(np.mean(j["object_color_l1"]))}
