@@ -32,6 +32,7 @@ def main(argv):
     del argv
     from jaxcf.data.shapes import SHAPE_NAMES
     from jaxcf.dicap.sources import few_shot_source
+    from jaxcf.diffusion import q_sample
     from jaxcf.foundation import build_foundation
     from jaxcf.train import make_mesh
 
@@ -51,9 +52,8 @@ def main(argv):
     print("|---|---|---|---|---|")
     for t in (int(v) for v in _TIMES.value):
         eps = rng.normal(size=x.shape).astype(np.float32)
-        a = float(found.schedule.alphas_cumprod[t])
-        x_t = jnp.asarray(np.sqrt(a) * x + np.sqrt(1 - a) * eps)
         tt = jnp.full((len(x),), t, jnp.int32)
+        x_t = q_sample(found.schedule, jnp.asarray(x), tt, jnp.asarray(eps))
         row = {"t": t}
         for name, lab in labels.items():
             err = (np.asarray(eps_fn(x_t, tt, jnp.asarray(lab, jnp.int32))) - eps) ** 2
