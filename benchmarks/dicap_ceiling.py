@@ -130,7 +130,7 @@ def main():
         params = optax.apply_updates(params, u_)
     probe = {k: float(np.mean(np.argmax(30 * norm(feats[k]) @ params[0] + params[1], -1) == tests[k][1]))
              for k in ("base", "conflict")}
-    print(f"\n| method (3 seeds, %) | base | novel | HM | bias-conflicting |\n|---|---|---|---|---|")
+    print("\n| method (3 seeds, %) | base | novel | HM | bias-conflicting |\n|---|---|---|---|---|")
     summary = {}
     for name, rs in rows.items():
         summary[name] = {m: (100 * np.mean([r[m] for r in rs]), 100 * np.std([r[m] for r in rs], ddof=1))
