@@ -78,7 +78,6 @@ def main(argv):
     y_cf = (src + rng.integers(1, len(classes), len(src))) % len(classes)  # a random other base class
     target = np.asarray(classes)[y_cf]
     text = template_text_features(found, c.data.base_classes, cf.template, c.foundation.text_max_len)
-    log_prob = anti_causal_log_prob(found, cf, found.clip_params, found.noise_classifier_params, text, classes)
     _, target_mask = render_shapes(with_shape(factors, target), resolution=c.data.resolution)
     silhouettes = ((np.asarray(mask) > 0) | (np.asarray(target_mask) > 0))[..., None].astype(np.float32)
     oracle = np.asarray(grow_mask(jnp.asarray(silhouettes), 1))
@@ -102,7 +101,8 @@ def main(argv):
         x_t, traj = ddim_invert(eps_fn, x, None, found.schedule, cf.ddim_steps, cf.depth, return_trajectory=True)
         kw = dict(guide_on="xt" if ideal else cf.guide_on, mask_threshold=cf.mask_threshold,
                   mask_dilation=cf.mask_dilation)
-        lp = ideal_log_prob(r) if ideal else log_prob
+        lp = ideal_log_prob(r) if ideal else anti_causal_log_prob(
+            found, cf, found.clip_params, found.noise_classifier_params, text, classes, source=x)
         run = lambda **k: guided_denoise(eps_fn, lp, x_t, None, y, scale, found.schedule,  # noqa: E731
                                          cf.ddim_steps, cf.depth, **kw, **k)
         return jax.lax.switch(how, [lambda: run(), lambda: run(source_trajectory=traj),

@@ -113,9 +113,11 @@ def get_config(arg=None):
                   up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), attention_head_dim=8,
                   norm_num_groups=8),
         unet_train=dict(steps=3000, batch_size=32, learning_rate=2e-3, warmup_steps=100, ema_decay=0.995),
-        # p(shape | x_t, t) for guide_on="xt", trained on the generator's pool noised to t < max_t
+        # p(shape | x_t, t) for guide_on="xt", trained on the generator's pool noised to t < max_t;
+        # context: also told the image's non-causal content (background and object colour, the object's
+        # bounding square; read from the source at the action), p(shape | x_t, t, n)
         noise_classifier=dict(channels=(16, 32, 64), steps=4000, batch_size=64, learning_rate=2e-3, warmup_steps=100,
-                              weight_decay=1e-4, max_t=700),
+                              weight_decay=1e-4, max_t=700, context=True),
         # guide_on="implicit": a class-conditional diffusion model (shape labels, each dropped to a
         # null class with probability label_dropout). init "unconditional": the UNet above fine-tuned
         # with a zero class embedding added; "scratch": trained from its own init, with `model`

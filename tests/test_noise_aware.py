@@ -71,3 +71,55 @@ def test_learns_a_class_visible_through_the_noise():
             jax.random.key(9), x.shape)
         acc = float(jnp.mean(jnp.argmax(model.apply({"params": params}, x_t, jnp.full(192, t)), -1) == y))
         assert acc > 0.9, (t, acc)
+
+
+def test_nuisance_context_reads_the_renderers_factors():
+    """Against the factors the renderer drew: the background colour exactly, the object colour where a
+    pixel is fully covered, and a square at the object's box for every shape."""
+    from jaxcf.data.shapes import COLOR_NAMES, COLOR_RGB, render_shapes, sample_factors, with_shape
+    from jaxcf.dicap.noise_aware import nuisance_context
+
+    rng = np.random.default_rng(0)
+    f = sample_factors(rng.integers(0, 12, 40), rng.integers(0, len(COLOR_NAMES), 40), rng, resolution=32,
+                       sizes=(9, 21))
+    box_y, box_x = f[:, 5] + f[:, 3] / 2, f[:, 4] + f[:, 3] / 2  # the box the template is drawn in
+    for shape in range(12):
+        img = render_shapes(with_shape(f, np.full(40, shape)), resolution=32)[0].astype(np.float32) / 127.5 - 1
+        c = np.asarray(nuisance_context(jnp.asarray(img)))
+        assert c.shape == (40, 32, 32, 7)
+        np.testing.assert_allclose(c[:, 5, 7, 1:4], COLOR_RGB[f[:, 2]] / 127.5 - 1, atol=1e-6)
+        np.testing.assert_allclose(c[:, 0, 0, 4:7], COLOR_RGB[f[:, 1]] / 127.5 - 1, atol=1e-6)
+        square = c[..., 0] > 0
+        for i in range(40):
+            ys, xs = np.nonzero(square[i].any(1))[0], np.nonzero(square[i].any(0))[0]
+            assert abs((ys[0] + ys[-1] + 1) / 2 - box_y[i]) <= 1 and abs((xs[0] + xs[-1] + 1) / 2 - box_x[i]) <= 1
+            assert f[i, 3] - 5 <= len(ys) <= f[i, 3] + 1 and f[i, 3] - 5 <= len(xs) <= f[i, 3] + 1, (shape, i)
+    empty = np.asarray(nuisance_context(jnp.full((1, 8, 8, 3), 0.3)))
+    assert empty[..., 0].max() == 0 and np.allclose(empty[..., 1:4], 0.3) and np.allclose(empty[..., 4:7], 0.3)
+
+
+def test_context_classifier_reads_the_sources_content():
+    """A context classifier needs the source; its log-probability depends on it; the loss tells it the
+    clean image's content (equal to the loss computed by hand)."""
+    import pytest
+    from jaxcf.dicap.noise_aware import CONTEXT_CHANNELS, nuisance_context
+
+    model = NoiseAwareClassifier(num_classes=3, channels=(8, 16), groups=4, context=True)
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
+    params = model.init(jax.random.key(0), x, jnp.zeros(2, jnp.int32), jnp.zeros((2, 8, 8, CONTEXT_CHANNELS)))["params"]
+    with pytest.raises(ValueError, match="source"):
+        noise_aware_log_prob(model, params)
+    src_a = jnp.full((2, 8, 8, 3), -0.5).at[:, 2:5, 2:5].set(0.7)
+    src_b = jnp.full((2, 8, 8, 3), 0.4).at[:, 4:8, 1:5].set(-0.9)
+    y = jnp.zeros(2, jnp.int32)
+    a = np.asarray(noise_aware_log_prob(model, params, source=src_a)(x, 10, y))
+    b = np.asarray(noise_aware_log_prob(model, params, source=src_b)(x, 10, y))
+    assert np.all(np.isfinite(a)) and np.abs(a - b).max() > 1e-4
+    sch = make_schedule("linear", 1000, 1e-4, 0.02)
+    batch = {"image": src_a, "label": jnp.asarray([0, 2], jnp.int32)}
+    loss, _ = noisy_classification_loss(model, sch, max_t=300)(params, batch, jax.random.key(5))
+    x_t, t = noisy_images(sch, src_a, jax.random.key(5), 300)
+    logits = model.apply({"params": params}, x_t, t, nuisance_context(src_a))
+    np.testing.assert_allclose(float(loss), float(optax.softmax_cross_entropy_with_integer_labels(
+        logits, batch["label"]).mean()), rtol=1e-6)

@@ -18,15 +18,16 @@ from jaxcf.train.batched import batched
 from jaxcf.utils import io, user_cache
 
 
-def anti_causal_log_prob(found: Foundation, cfg, clip_params, nac_params, text_feats, classes=None):
+def anti_causal_log_prob(found: Foundation, cfg, clip_params, nac_params, text_feats, classes=None, source=None):
     """p_phi of ``cfg.guide_on`` (``config.counterfactual``) as ``log_prob(x, t, y)``: the foundation's
-    noise-aware classifier on x_t over ``classes`` (foundation indices; None = all) for "xt", frozen
-    CLIP zero-shot with ``text_feats`` on x0_hat for "x0"; None for "implicit" (the classifier
-    implied by the class-conditional diffusion model needs none)."""
+    noise-aware classifier on x_t over ``classes`` (foundation indices; None = all) for "xt" (told the
+    non-causal content of the ``source`` images when it was trained with context), frozen CLIP
+    zero-shot with ``text_feats`` on x0_hat for "x0"; None for "implicit" (the classifier implied by
+    the class-conditional diffusion model needs none)."""
     if cfg.guide_on == "implicit":
         return None
     if cfg.guide_on == "xt":
-        return noise_aware_log_prob(found.noise_classifier, nac_params, classes)
+        return noise_aware_log_prob(found.noise_classifier, nac_params, classes, source=source)
     return clip_zero_shot_log_prob(found.clip, clip_params, text_feats, found.to_clip, cfg.logit_scale)
 
 
@@ -46,7 +47,7 @@ def counterfactuals(found: Foundation, x: np.ndarray, y_cf: np.ndarray, text_fea
         y = xy[1]
         if cfg.guide_on == "implicit" and classes is not None:
             y = jnp.asarray(classes, jnp.int32)[y]
-        lp = anti_causal_log_prob(found, cfg, clip_params, nac_params, text_feats, classes)
+        lp = anti_causal_log_prob(found, cfg, clip_params, nac_params, text_feats, classes, source=xy[0])
         enc = None if found.encode is None else (lambda im: found.encode(dp, im))
         dec = None if found.decode is None else (lambda z: found.decode(dp, z))
         return generate_counterfactuals(found.eps_fn(dp), lp, xy[0], y, cfg.scale, found.schedule,

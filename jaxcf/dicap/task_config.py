@@ -53,6 +53,8 @@ def check_shared(config) -> None:
     if toy:
         cfgs.check_choice(config, "foundation.cond_unet.init", COND_UNET_INITS)
         cfgs.check_int(config, "foundation.cond_unet.pool_examples", 1)
+        if "context" in config.foundation.noise_classifier:
+            cfgs.check_choice(config, "foundation.noise_classifier.context", (False, True))
     for field in ("data.object_size",) + (("foundation.generator_object_size", "foundation.cond_unet.object_size")
                                           if toy else ()):
         size = tuple(cfgs.get(config, field))

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from jaxcf.data.shapes import COLOR_NAMES, SHAPE_NAMES, shapes_dataset
-from jaxcf.dicap.noise_aware import NoiseAwareClassifier, noisy_classification_loss
+from jaxcf.dicap.noise_aware import CONTEXT_CHANNELS, NoiseAwareClassifier, noisy_classification_loss
 from jaxcf.diffusion import make_schedule
 from jaxcf.diffusion.train import train_eps_model
 from jaxcf.foundation.core import Foundation
@@ -156,12 +156,16 @@ def toy_foundation(config, workdir: str, mesh) -> Foundation:
     noise_classifier = nac_params = None
     if config.counterfactual.guide_on == "xt":  # only the runs that guide on x_t need it
         nc = fc.noise_classifier
-        noise_classifier = NoiseAwareClassifier(num_classes=len(SHAPE_NAMES), channels=tuple(nc.channels))
-        nac_meta = dict(model=dict(channels=list(nc.channels), num_classes=len(SHAPE_NAMES)), train=nc.to_dict(),
+        context = bool(nc.get("context", False))
+        noise_classifier = NoiseAwareClassifier(num_classes=len(SHAPE_NAMES), channels=tuple(nc.channels),
+                                                context=context)
+        model_meta = dict(channels=list(nc.channels), num_classes=len(SHAPE_NAMES), **({"context": True} if context else {}))
+        nac_meta = dict(model=model_meta, train={k: v for k, v in nc.to_dict().items() if k != "context"},
                         schedule=sc.to_dict(), data=gen_meta)
         nac_params = load_or_train(
             "noise_classifier", lambda: jax.eval_shape(noise_classifier.init, jax.random.key(0),
-                                                       jnp.zeros((1, res, res, 3)), jnp.zeros((1,), jnp.int32))["params"],
+                                                       jnp.zeros((1, res, res, 3)), jnp.zeros((1,), jnp.int32),
+                                                       jnp.zeros((1, res, res, CONTEXT_CHANNELS)))["params"],
             nac_meta, folders, export_dir,
             lambda: train_noise_classifier(noise_classifier, schedule, world("generator"), nc,
                                            io.join(export_dir, "noise_classifier_run"), mesh, config, seed=seed))
@@ -216,7 +220,8 @@ def train_noise_classifier(model: NoiseAwareClassifier, schedule, dataset, cfg, 
     res = dataset.get([0])["image"].shape[1:]
 
     def init(rng):
-        return model.init(rng, jnp.zeros((1,) + res), jnp.zeros((1,), jnp.int32))["params"]
+        return model.init(rng, jnp.zeros((1,) + res), jnp.zeros((1,), jnp.int32),
+                          jnp.zeros((1,) + res[:-1] + (CONTEXT_CHANNELS,)))["params"]
 
     def batch_fn(step):
         idx = stream_indices(len(dataset), cfg.batch_size, step, seed)
