@@ -100,7 +100,8 @@ def main(argv):
     def action(x, y, scale, fixed, how, ideal, r):  # how: 0 unmasked, 1 edit mask, 2 the fixed mask
         x_t, traj = ddim_invert(eps_fn, x, None, found.schedule, cf.ddim_steps, cf.depth, return_trajectory=True)
         kw = dict(guide_on="xt" if ideal else cf.guide_on, mask_threshold=cf.mask_threshold,
-                  mask_dilation=cf.mask_dilation)
+                  mask_dilation=cf.mask_dilation,
+                  normalize_gradient=bool(cf.get("normalize_gradient", False)) and not ideal)
         lp = ideal_log_prob(r) if ideal else anti_causal_log_prob(
             found, cf, found.clip_params, found.noise_classifier_params, text, classes, source=x)
         run = lambda **k: guided_denoise(eps_fn, lp, x_t, None, y, scale, found.schedule,  # noqa: E731
@@ -139,7 +140,8 @@ def main(argv):
     truth, _ = render_shapes(with_shape(factors[:16], target[:16]), resolution=c.data.resolution)
     grid = [x[:16], truth.astype(np.float32) / 127.5 - 1]
     print(f"{len(x)} shots, guide_on={cf.guide_on}, depth {cf.depth}, {cf.ddim_steps} steps, "
-          f"edit mask threshold {cf.mask_threshold}, dilation {cf.mask_dilation}")
+          f"edit mask threshold {cf.mask_threshold}, dilation {cf.mask_dilation}"
+          + (", normalized gradient" if cf.get("normalize_gradient") else ""))
     print("| action | s | flip to y_cf (judge) | shape kept (judge) | background L1 | object colour L1 |")
     print("|---|---|---|---|---|---|")
     for ideal, scale in [(False, float(v)) for v in _SCALES.value] + [(True, float(v)) for v in _IDEAL.value]:

@@ -62,7 +62,7 @@ CASES = [
     ("depth", [f"{DICAP}:test", "--config.counterfactual.depth=1.5"], "config.counterfactual.depth=1.5 must be in (0.0, 1.0]"),
     ("cf_target", [f"{DICAP}:test", "--config.counterfactual.target=nearest"],
      "config.counterfactual.target='nearest' is not allowed; allowed: 'similarity', 'random'"),
-    ("ddim_steps", [f"{DICAP}:test", "--config.counterfactual.ddim_steps=700"], "ddim_steps=700 exceeds the 600 timesteps"),
+    ("ddim_steps", [f"{DICAP}:test", "--config.counterfactual.ddim_steps=700"], "ddim_steps=700 exceeds the 500 timesteps available at depth 0.5"),
     ("class_name", [f"{DICAP}:test", "--config.data.novel_classes=('heart', 'unicorn')"],
      "unknown class name 'unicorn'; allowed: circle"),
     ("batch_vs_shots", [f"{DICAP}:test", "--config.train.batch_size=64"], "batch_size=64 is larger than the 24 few-shot"),

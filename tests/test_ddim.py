@@ -21,6 +21,7 @@ from jaxcf.diffusion import (
     guidance_gradient,
     guided_denoise,
     make_schedule,
+    normalized_gradient,
     predict_x0,
 )
 
@@ -209,6 +210,26 @@ def test_guided_sample_moves_toward_target():
     mixed = guided_denoise(eps_fn, log_prob, x_t, None, target, scales, sch, 20, depth=0.7)
     np.testing.assert_allclose(mixed[::2], plain[::2], atol=1e-5)
     np.testing.assert_allclose(mixed[1::2], moved[1::2], atol=1e-5)
+
+
+def test_normalized_gradient_guidance():
+    """Unit RMS per example (against NumPy); with a classifier whose gradient is a constant w_y the
+    normalized action equals the plain one at the per-example scale s / rms(w_y)."""
+    g = np.random.default_rng(0).normal(size=(3, 4, 4, 2)) * np.array([0.01, 1.0, 50.0])[:, None, None, None]
+    want = g / np.sqrt(np.mean(g ** 2, axis=(1, 2, 3), keepdims=True))
+    np.testing.assert_allclose(normalized_gradient(jnp.asarray(g, jnp.float32)), want, rtol=1e-5)
+    sch = make_schedule("linear")
+    eps_fn = gaussian_eps(sch, mu=0.0, sigma=1.0)
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(2, 4, 4, 1)) * np.array([0.1, 3.0])[:, None, None, None],
+                    jnp.float32)
+    log_prob = lambda x, t, y: jnp.sum(x * w[y], axis=(1, 2, 3))  # noqa: E731
+    x_t = jax.random.normal(jax.random.key(2), (4, 4, 4, 1))
+    y = jnp.array([0, 1, 1, 0])
+    rms = jnp.sqrt(jnp.mean(w[y] ** 2, axis=(1, 2, 3)))
+    normed = guided_denoise(eps_fn, log_prob, x_t, None, y, 0.5, sch, 10, depth=0.6, guide_on="xt",
+                            normalize_gradient=True)
+    plain = guided_denoise(eps_fn, log_prob, x_t, None, y, 0.5 / rms, sch, 10, depth=0.6, guide_on="xt")
+    np.testing.assert_allclose(normed, plain, rtol=1e-4, atol=1e-5)
 
 
 def test_edit_mask_against_numpy():

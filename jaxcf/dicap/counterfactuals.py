@@ -53,7 +53,8 @@ def clip_zero_shot_log_prob(clip, clip_params, class_text_feats, to_clip: Callab
 def generate_counterfactuals(eps_fn, log_prob_fn, x, y_cf, scale, schedule, num_steps: int, depth: float, *,
                              cond: Any = None, encode: Optional[Callable] = None, decode: Optional[Callable] = None,
                              guide_on: str = "x0", grad_through_eps: bool = False,
-                             mask_threshold: Optional[float] = None, mask_dilation: int = 1):
+                             mask_threshold: Optional[float] = None, mask_dilation: int = 1,
+                             normalize_gradient: bool = False):
     """x [B, H, W, C] in [-1, 1] -> counterfactual x_cf toward y_cf [B].
 
     Abduction: x_t0 = DDIM-invert(x) to ``depth``; action: guided DDIM back to clean with
@@ -61,6 +62,7 @@ def generate_counterfactuals(eps_fn, log_prob_fn, x, y_cf, scale, schedule, num_
     scaling factor included): inversion runs on latents and the classifier sees decoded x0_hat.
     ``mask_threshold`` (None = off) runs the masked action of :func:`jaxcf.diffusion.guided_denoise`:
     outside the region the guidance edits, every step takes the source's own inversion trajectory.
+    ``normalize_gradient``: each example's classifier gradient at unit RMS (an option, not the paper's formula).
     """
     z = x if encode is None else encode(x)
     lp = log_prob_fn if decode is None else (lambda zz, t, y: log_prob_fn(decode(zz), t, y))
@@ -70,5 +72,6 @@ def generate_counterfactuals(eps_fn, log_prob_fn, x, y_cf, scale, schedule, num_
         z_t, traj = ddim_invert(eps_fn, z, cond, schedule, num_steps, depth, return_trajectory=True)
         masking = dict(source_trajectory=traj, mask_threshold=mask_threshold, mask_dilation=mask_dilation)
     z_cf = guided_denoise(eps_fn, lp, z_t, cond, y_cf, scale, schedule, num_steps, depth,
-                          guide_on=guide_on, grad_through_eps=grad_through_eps, **masking)
+                          guide_on=guide_on, grad_through_eps=grad_through_eps,
+                          normalize_gradient=normalize_gradient, **masking)
     return z_cf if decode is None else decode(z_cf)

@@ -16,7 +16,7 @@ def write_report(results, grid_pairs, base_names, workdir):
     lines = [
         f"DiCap ({results['variant']}, {results['dataset']}): {len(results['seeds'])} seeds, {results['shots']} shots, bias {results['bias']}, "
         f"y_cf={cf['target']}, s={cf['scale']:g}, depth={cf['depth']:g}, guide_on={cf['guide_on']}, "
-        f"mask={cf['mask']}, lambda={results['lam']:g}",
+        f"mask={cf['mask']}{', normalized gradient' if cf.get('normalize_gradient') else ''}, lambda={results['lam']:g}",
         "",
         "| method | base | novel | HM | bias-conflicting |",
         "|---|---|---|---|---|",

@@ -53,7 +53,8 @@ def counterfactuals(found: Foundation, x: np.ndarray, y_cf: np.ndarray, text_fea
         return generate_counterfactuals(found.eps_fn(dp), lp, xy[0], y, cfg.scale, found.schedule,
                                         cfg.ddim_steps, cfg.depth, encode=enc, decode=dec, guide_on=cfg.guide_on,
                                         mask_threshold=cfg.mask_threshold if cfg.mask == "edit" else None,
-                                        mask_dilation=cfg.mask_dilation)
+                                        mask_dilation=cfg.mask_dilation,
+                                        normalize_gradient=bool(cfg.get("normalize_gradient", False)))
 
     run = batched(gen, mesh, cfg.batch_size, param_sharding=param_sharding, desc=desc)
     x_cf = run((found.diffusion_params, found.clip_params, found.noise_classifier_params),

@@ -69,6 +69,8 @@ def check_shared(config) -> None:
     cfgs.check_choice(config, "counterfactual.target", CF_TARGETS)
     cfgs.check_choice(config, "counterfactual.guide_on", GUIDE_ON)
     cfgs.check_choice(config, "counterfactual.mask", CF_MASKS)
+    if "normalize_gradient" in cf:
+        cfgs.check_choice(config, "counterfactual.normalize_gradient", (False, True))
     cfgs.check_range(config, "counterfactual.mask_threshold", 0.0, math.inf, low_open=True)
     cfgs.check_int(config, "counterfactual.mask_dilation", 0)
     if cf.guide_on != "x0" and config.foundation.kind != "toy":

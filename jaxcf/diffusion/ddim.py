@@ -201,6 +201,13 @@ def guidance_gradient(
     return eps, grad
 
 
+def normalized_gradient(grad, eps: float = 1e-12):
+    """Each example's gradient [B, ...] divided by its root-mean-square over the other axes."""
+    axes = tuple(range(1, grad.ndim))
+    rms = jnp.sqrt(jnp.mean(jnp.square(grad.astype(jnp.float32)), axis=axes, keepdims=True))
+    return (grad / (rms + eps)).astype(grad.dtype)
+
+
 def guided_eps(eps, grad, abar_t, scale):
     """eps_hat = eps - s sqrt(1 - abar_t) grad_x log p(y_cf | x_t); s scalar or per-example [B]."""
     return eps - _bcast(scale, eps) * jnp.sqrt(1.0 - _bcast(abar_t, eps)) * grad.astype(eps.dtype)
@@ -223,6 +230,7 @@ def guided_denoise(
     mask_threshold: float = 0.1,
     mask_dilation: int = 1,
     mask: Optional[jnp.ndarray] = None,
+    normalize_gradient: bool = False,
     debug: bool = False,
 ):
     """Action: classifier-guided DDIM sampling from depth * T toward per-example labels y [B].
@@ -238,6 +246,10 @@ def guided_denoise(
     everything else from the source's own trajectory at the same level, so what the classifier does
     not need to change comes back exactly. A fixed ``mask`` (broadcastable to x_T, 1 = edit) replaces
     the edit mask at every step (e.g. a region known from elsewhere, as a control).
+
+    ``normalize_gradient`` rescales each example's classifier gradient to unit root-mean-square
+    (:func:`normalized_gradient`) before :func:`guided_eps`: the scale then sets the size of the
+    push at every step, whatever the classifier's confidence (not METHODS' formula; an option).
     """
     xs = _sampling_steps(schedule, num_steps, depth)
     keep = source_trajectory is not None
@@ -252,6 +264,8 @@ def guided_denoise(
         tb = _times(x, t)
         eps, grad = guidance_gradient(eps_fn, log_prob_fn, x, tb, a_t, cond, y,
                                       guide_on=guide_on, grad_through_eps=grad_through_eps)
+        if normalize_gradient:
+            grad = normalized_gradient(grad)
         eps_hat = guided_eps(eps, grad, a_t, scale)
         x_s = ddim_step(x, eps_hat, a_t, a_s)
         if keep:
