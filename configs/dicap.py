@@ -117,7 +117,7 @@ def get_config(arg=None):
         # p(shape | x_t, t) for guide_on="xt", trained on the generator's pool noised to t < max_t;
         # context: also told the image's non-causal content (background and object colour, the object's
         # bounding square; read from the source at the action), p(shape | x_t, t, n)
-        noise_classifier=dict(channels=(16, 32, 64), steps=4000, batch_size=64, learning_rate=2e-3, warmup_steps=100,
+        noise_classifier=dict(channels=(16, 32, 64), steps=12000, batch_size=64, learning_rate=2e-3, warmup_steps=100,
                               weight_decay=1e-4, max_t=700, context=True),
         # guide_on="implicit": a class-conditional diffusion model (shape labels, each dropped to a
         # null class with probability label_dropout). init "unconditional": the UNet above fine-tuned

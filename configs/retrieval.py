@@ -58,9 +58,7 @@ def paper(name):
 
 
 def get_config(arg=None):
-    c = config_file(os.path.join(os.path.dirname(__file__), "dicap.py"), "toy")  # same foundation, generator, prompt
-    # the unmasked action at s = 20 (dicap's toy default before its masked action): this toy's README table
-    c.counterfactual.update(mask="none", scale=20.0)
+    c = config_file(os.path.join(os.path.dirname(__file__), "dicap.py"), "toy")  # same foundation, generator, action, prompt
     c.pipeline = "retrieval"
     c.data = ml_collections.ConfigDict(dict(
         name="shapes",  # or "karpathy" (split_file + image_root) or "tfds:coco_captions" (data_dir)

@@ -56,9 +56,7 @@ def vqav2(c):
 
 
 def get_config(arg=None):
-    c = config_file(os.path.join(os.path.dirname(__file__), "dicap.py"), "toy")  # same foundation, generator, prompt
-    # the unmasked action at s = 20 (dicap's toy default before its masked action): this toy's README table
-    c.counterfactual.update(mask="none", scale=20.0)
+    c = config_file(os.path.join(os.path.dirname(__file__), "dicap.py"), "toy")  # same foundation, generator, action, prompt
     c.pipeline = "vqa"
     c.data = ml_collections.ConfigDict(dict(
         name="shapes",  # or "vqa_v2"

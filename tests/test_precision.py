@@ -63,6 +63,7 @@ def toy():
     with pytest.MonkeyPatch.context() as mp:  # shipped weights only: nothing is trained or written
         mp.setattr(foundation, "train_clip", no_training)
         mp.setattr(foundation, "train_eps_model", no_training)
+        mp.setattr(foundation, "train_noise_classifier", no_training)
         found32 = foundation.toy_foundation(config, "/nonexistent-workdir", mesh)
         config.dtype = "bfloat16"
         found16 = foundation.toy_foundation(config, "/nonexistent-workdir", mesh)
