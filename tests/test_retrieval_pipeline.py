@@ -26,6 +26,16 @@ def _set(config, field, value):
     node[field.split(".")[-1]] = value
 
 
+def test_retrieval_and_vqa_toys_generate_with_the_classification_toys_action_and_foundation():
+    """The toys' README tables read the classification toy's counterfactuals: a setting pinned for one
+    gradient mode (s = 20 on the raw gradient) must not ride on another (the normalized one)."""
+    dicap = load_config(os.path.join(ROOT, "configs", "dicap.py"), "toy")
+    for path in (RETRIEVAL, os.path.join(ROOT, "configs", "vqa.py")):
+        c = load_config(path, "toy")
+        assert c.counterfactual.to_dict() == dicap.counterfactual.to_dict(), path
+        assert c.foundation.to_dict() == dicap.foundation.to_dict(), path
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("data.name", "flickr", "config.data.name='flickr' is not allowed; allowed: 'shapes', 'karpathy', 'tfds:coco_captions'"),
     ("data.relevance", "image", "config.data.relevance='image' is not allowed; allowed: 'text', 'pair'"),
