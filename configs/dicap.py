@@ -38,6 +38,7 @@ def toy_csc(c):
     c.prompt.mode = "class_specific"
     c.counterfactual.target = "random"
     c.train.cf_ce = 1.0
+    c.train.lam = 1.0  # the toy's lambda 30 is for the paper's loss alone
 
 
 def test(c):
@@ -104,10 +105,12 @@ def get_config(arg=None):
         pretrain_examples=8000,
         text_max_len=16,
         clip=dict(width=64, depth=3, heads=4, patch_size=4, projection_dim=64, max_len=16, hidden_act="quick_gelu"),
-        # confound: from step confound_from on, CLIP pretrains on the world with each base shape on its
-        # assigned background with this probability (0 = never): CLIP's features carry the shortcut
+        # from step confound_from on, CLIP pretrains on a confounded web-like corpus: a fraction
+        # photo_fraction are photos ("a photo of a star"), each on its shape's usual background with
+        # probability confound, the rest drawings ("a drawing of a star") on any background (confound 0 =
+        # no second phase): CLIP's features and its "photo" carry the shortcut, "drawing" does not
         clip_train=dict(steps=10000, batch_size=128, learning_rate=1e-3, warmup_steps=100, weight_decay=0.1,
-                        confound=0.7, confound_from=6000),
+                        confound=0.9, photo_fraction=0.5, confound_from=6000),
         generator_object_size=(6, 21),  # the diffusion model's pretraining pool covers the task's sizes
         unet=dict(in_channels=3, out_channels=3, block_out_channels=(16, 32, 64), layers_per_block=1,
                   down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
@@ -152,9 +155,10 @@ def get_config(arg=None):
     ))
     c.prompt = ml_collections.ConfigDict(dict(n_ctx=4, init_text="a photo of a", mode="unified"))
     c.train = ml_collections.ConfigDict(dict(
-        # toy: AdamW 1e-2, tau 0.1 (chosen in a ground-truth-control sweep; README "DiCap on the shapes world")
+        # toy: AdamW 1e-2; lambda 30, tau 0.1 chosen by the sweep in the README ("DiCap on the shapes
+        # world"; the paper's defaults are lambda 1, tau 1)
         steps=200, batch_size=32, optimizer="adamw", learning_rate=1e-2, warmup_steps=20, weight_decay=0.0,
-        lam=1.0, tau=0.1, all_classes=False,
+        lam=30.0, tau=0.1, all_classes=False,
         # weight of a CE term on the counterfactuals with their labels y_cf (counterfactual augmentation;
         # not in the paper, 0 = the paper's loss; toy_csc uses it)
         cf_ce=0.0))

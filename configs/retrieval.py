@@ -59,6 +59,7 @@ def paper(name):
 
 def get_config(arg=None):
     c = config_file(os.path.join(os.path.dirname(__file__), "dicap.py"), "toy")  # same foundation, generator, action, prompt
+    c.train.lam = 1.0  # the classification toy's lambda 30 was chosen for classification; these tasks keep 1
     c.pipeline = "retrieval"
     c.data = ml_collections.ConfigDict(dict(
         name="shapes",  # or "karpathy" (split_file + image_root) or "tfds:coco_captions" (data_dir)

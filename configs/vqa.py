@@ -57,6 +57,7 @@ def vqav2(c):
 
 def get_config(arg=None):
     c = config_file(os.path.join(os.path.dirname(__file__), "dicap.py"), "toy")  # same foundation, generator, action, prompt
+    c.train.lam = 1.0  # the classification toy's lambda 30 was chosen for classification; these tasks keep 1
     c.pipeline = "vqa"
     c.data = ml_collections.ConfigDict(dict(
         name="shapes",  # or "vqa_v2"

@@ -59,6 +59,8 @@ CASES = [
     ("checkpoint_every", [f"{DICAP}:test", "--config.checkpoint_every=0"], "config.checkpoint_every=0 must be an integer >= 1"),
     # DiCap
     ("negative_scale", [f"{DICAP}:test", "--config.counterfactual.scale=-1"], "config.counterfactual.scale=-1.0 must be in [0.0, inf]"),
+    ("photo_fraction", [f"{DICAP}:test", "--config.foundation.clip_train.photo_fraction=2"],
+     "config.foundation.clip_train.photo_fraction=2.0 must be in [0.0, 1.0]"),
     ("depth", [f"{DICAP}:test", "--config.counterfactual.depth=1.5"], "config.counterfactual.depth=1.5 must be in (0.0, 1.0]"),
     ("cf_target", [f"{DICAP}:test", "--config.counterfactual.target=nearest"],
      "config.counterfactual.target='nearest' is not allowed; allowed: 'similarity', 'random'"),

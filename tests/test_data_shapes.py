@@ -43,6 +43,37 @@ def test_fewshot_bias(bias, shots):
                                   [S.assigned_background(s) == b for s, b in f[:, [0, 2]]])
 
 
+def test_photo_pool_ties_photos_to_their_usual_background_and_leaves_drawings_free():
+    ds = S.photo_pool(4000, photo_fraction=0.5, confound=0.9, seed=3)
+    f, photo = ds.arrays["factors"], ds.arrays["style"] == 1
+    assert abs(photo.mean() - 0.5) < 0.03 and len(ds) == 4000 and ds.class_names == S.SHAPE_NAMES
+    own = f[:, 2] == np.array([S.assigned_background(s) for s in f[:, 0]])
+    np.testing.assert_array_equal(ds.arrays["aligned"], own)
+    # photos: 0.9 tied plus 0.1 * 1/10 by chance; drawings: 1/10 by chance, for every shape
+    assert abs(own[photo].mean() - 0.91) < 0.03 and abs(own[~photo].mean() - 0.1) < 0.03
+    assert len(set(f[photo & own, 0])) == len(S.SHAPE_NAMES)
+    assert (f[:, 1] != f[:, 2]).all()  # the object stays visible
+    np.testing.assert_array_equal(ds.arrays["image"], render_shapes(f)[0])
+    none = S.photo_pool(500, photo_fraction=0.0, confound=0.9, seed=3)
+    assert none.arrays["style"].sum() == 0 and abs(none.arrays["aligned"].mean() - 0.1) < 0.05
+    with pytest.raises(ValueError, match="photo_fraction"):
+        S.photo_pool(10, photo_fraction=1.5, confound=0.5)
+
+
+def test_the_confounded_corpus_captions_name_the_style():
+    from jaxcf.foundation.toy import _caption_tokens, world_tokenizer
+
+    ds = S.photo_pool(40, photo_fraction=0.5, confound=1.0, seed=1)
+    tok = world_tokenizer()
+    ids = _caption_tokens(ds, tok, 16)
+    assert ids.shape == (40, 3, 16)
+    for i, (style, shape) in enumerate(zip(ds.arrays["style"], ds.arrays["factors"][:, 0])):
+        first = tok.decode(ids[i, 0])
+        assert first.startswith("a photo of a" if style else "a drawing of a") and S.SHAPE_NAMES[shape] in first
+    plain = _caption_tokens(shapes_dataset("pretrain", num_examples=5), tok, 16)
+    assert plain.shape == (5, 5, 16)  # the unconfounded pool keeps its five caption variants
+
+
 def test_conflict_split_really_conflicts():
     ds = shapes_dataset("test_conflict", num_per_class=20)
     f = ds.arrays["factors"]

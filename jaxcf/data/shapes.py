@@ -37,7 +37,8 @@ _SUPERSAMPLE = 4
 
 
 def assigned_background(shape: int) -> int:
-    """The background colour spuriously paired with base class `shape` in the few-shot set."""
+    """The background colour spuriously paired with `shape`: in the few-shot set (base classes)
+    and in the photos of the confounded pretraining corpus (`photo_pool`, every shape)."""
     return (2 + shape) % len(COLOR_NAMES)  # base classes -> blue, yellow, purple, ...
 
 
@@ -279,6 +280,35 @@ def shapes_dataset(split: str = "pretrain", *, num_examples: int = 5000, shots: 
     }
     info = {"classes": classes, "factor_names": FACTOR_NAMES, "resolution": resolution}
     return ArrayDataset(arrays, tuple(SHAPE_NAMES[c] for c in classes), info)
+
+
+def photo_pool(num_examples: int, *, photo_fraction: float, confound: float, resolution: int = 32,
+               object_size: tuple[int, int] | None = None, seed: int = 0) -> ArrayDataset:
+    """A web-like pretraining corpus of the shapes world in two styles.
+
+    *Photos* (a fraction `photo_fraction`) show their object on its shape's usual background
+    (`assigned_background`) with probability `confound`, else on any background, as web photos show
+    objects in their usual settings; *drawings* (the rest) put every object on any background. A
+    contrastive model trained on it with captions that name the style ("a photo of a star" /
+    "a drawing of a star") learns the spurious background for "photo" and not for "drawing".
+    Arrays as the "pretrain" split, plus style int32 [N] (1 = photo, 0 = drawing).
+    """
+    for name, value in (("photo_fraction", photo_fraction), ("confound", confound)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}.")
+    rng = np.random.default_rng([seed, len(SPLITS)])  # a stream of its own
+    shape = rng.integers(0, len(SHAPE_NAMES), size=num_examples)
+    photo = rng.random(num_examples) < photo_fraction
+    tied = photo & (rng.random(num_examples) < confound)
+    own = np.array([assigned_background(s) for s in shape])
+    background = np.where(tied, own, rng.integers(0, len(COLOR_NAMES), size=num_examples))
+    factors = sample_factors(shape, background, rng, resolution=resolution, sizes=object_size)
+    images, mask = render_shapes(factors, resolution=resolution)
+    arrays = {"image": images, "label": factors[:, 0].astype(np.int32), "factors": factors, "mask": mask,
+              "aligned": (own == factors[:, 2]).astype(np.int32), "style": photo.astype(np.int32),
+              "caption": np.array(captions(factors, resolution=resolution))}
+    info = {"classes": tuple(range(len(SHAPE_NAMES))), "factor_names": FACTOR_NAMES, "resolution": resolution}
+    return ArrayDataset(arrays, SHAPE_NAMES, info)
 
 
 def class_names(classes: str = "all") -> tuple[str, ...]:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxcf.data.shapes import COLOR_NAMES, SHAPE_NAMES, shapes_dataset
+from jaxcf.data.shapes import COLOR_NAMES, SHAPE_NAMES, photo_pool, shapes_dataset
 from jaxcf.dicap.noise_aware import CONTEXT_CHANNELS, NoiseAwareClassifier, noisy_classification_loss
 from jaxcf.diffusion import make_schedule
 from jaxcf.diffusion.train import train_eps_model
@@ -33,7 +33,7 @@ SEED_OFFSET = 1000
 def world_tokenizer() -> WordTokenizer:
     """Every word of the shapes world's captions and prompts."""
     words = ["a", "photo", "of", "an", "on", "background", ".", "small", "large", "at", "the", "top", "bottom",
-             "left", "right", "center", "in", "middle"]
+             "left", "right", "center", "in", "middle", "drawing"]
     return WordTokenizer(words + list(COLOR_NAMES) + list(SHAPE_NAMES))
 
 
@@ -46,8 +46,22 @@ CAPTION_TEMPLATES = (
 )
 
 
-def caption_variants(factors: np.ndarray) -> list[list[str]]:
-    """Every CAPTION_TEMPLATES caption of each image (factors [N, 6] of the shapes world).
+# the confounded corpus's captions name the picture's style: photos show objects in their usual
+# setting (jaxcf.data.shapes.photo_pool), drawings on any background
+PHOTO_TEMPLATES = (
+    "a photo of a {shape}.",
+    "a photo of a {color} {shape}.",
+    "a {shape} on a {background} background.",
+)
+DRAWING_TEMPLATES = (
+    "a drawing of a {shape}.",
+    "a drawing of a {color} {shape}.",
+    "a {shape} on a {background} background.",
+)
+
+
+def caption_variants(factors: np.ndarray, templates=CAPTION_TEMPLATES) -> list[list[str]]:
+    """Every caption of ``templates`` for each image (factors [N, 6] of the shapes world).
 
     Web captions name an object in many ways; giving the shape alone in some of them makes a
     contrastive model encode shape, not only the easier colours (the world's spurious features).
@@ -55,28 +69,35 @@ def caption_variants(factors: np.ndarray) -> list[list[str]]:
     out = []
     for shape, color, bg, *_ in np.asarray(factors):
         words = dict(shape=SHAPE_NAMES[shape], color=COLOR_NAMES[color], background=COLOR_NAMES[bg])
-        out.append([t.format(**words) for t in CAPTION_TEMPLATES])
+        out.append([t.format(**words) for t in templates])
     return out
 
 
 def _caption_tokens(dataset, tokenizer, max_len: int) -> np.ndarray:
-    """Token ids [N, len(CAPTION_TEMPLATES), max_len] of every caption variant of every image."""
-    variants = caption_variants(dataset.arrays["factors"])
+    """Token ids [N, variants, max_len] of every caption variant of every image: CAPTION_TEMPLATES,
+    or for a pool with a ``style`` array (photo_pool) PHOTO_ / DRAWING_TEMPLATES by style."""
+    factors = dataset.arrays["factors"]
+    if "style" in dataset.arrays:
+        photo, drawing = caption_variants(factors, PHOTO_TEMPLATES), caption_variants(factors, DRAWING_TEMPLATES)
+        variants = [p if s else d for p, d, s in zip(photo, drawing, dataset.arrays["style"])]
+    else:
+        variants = caption_variants(factors)
+    n_var = len(variants[0])
     ids = tokenizer([c for v in variants for c in v], max_length=max_len)
-    return ids.reshape(len(variants), len(CAPTION_TEMPLATES), max_len)
+    return ids.reshape(len(variants), n_var, max_len)
 
 
 def train_clip(clip: CLIP, dataset, tokenizer, cfg, workdir: str, mesh, config, *, seed: int, max_len: int,
                confounded=None):
     """Contrastive (InfoNCE) pretraining of ``clip`` on the world's images and varied captions.
 
-    ``confounded``: a second pool (the world with base shapes tied to their backgrounds,
-    ``cfg.confound``) that replaces ``dataset`` from step ``cfg.confound_from`` on: continued
-    pretraining on a confounded corpus, so that CLIP's own features carry the spurious
-    background (as web-scale CLIP's do).
+    ``confounded``: a second pool (``photo_pool``: photos of objects on their shape's usual
+    background with probability ``cfg.confound``, drawings on any background) that replaces
+    ``dataset`` from step ``cfg.confound_from`` on: continued pretraining on a confounded corpus,
+    so that CLIP's own features carry the spurious background, and its language has words for
+    "in the usual setting" (photo) and "on any background" (drawing), as web-scale CLIP's do.
     """
     size = clip.config.vision.image_size
-    n_var = len(CAPTION_TEMPLATES)
     pools = [(dataset, _caption_tokens(dataset, tokenizer, max_len), seed)]
     if confounded is not None:
         pools.append((confounded, _caption_tokens(confounded, tokenizer, max_len), seed + 1))
@@ -91,10 +112,11 @@ def train_clip(clip: CLIP, dataset, tokenizer, cfg, workdir: str, mesh, config, 
     def batch_fn(step):
         pool, toks, s = pools[1] if len(pools) > 1 and step >= cfg.confound_from else pools[0]
         idx = stream_indices(len(pool), cfg.batch_size, step, s)
-        pick = np.random.default_rng((s, step)).integers(0, n_var, len(idx))  # a caption variant per image
+        pick = np.random.default_rng((s, step)).integers(0, toks.shape[1], len(idx))  # a caption variant per image
         return {"image": pool.get(idx, keys=("image",))["image"], "tokens": toks[idx, pick]}
 
-    key = dict(train=cfg.to_dict(), captions=CAPTION_TEMPLATES, tokens=tree_digest(tokens))
+    key = dict(train=cfg.to_dict(), captions=CAPTION_TEMPLATES, tokens=tree_digest(tokens),
+               styles=(PHOTO_TEMPLATES, DRAWING_TEMPLATES))
     if len(pools) > 1:
         key["confounded_tokens"] = tree_digest(pools[1][1])
     return fit(clip.init, tx, loss_fn, batch_fn, steps=cfg.steps, batch_size=cfg.batch_size, workdir=workdir,
@@ -124,15 +146,19 @@ def toy_foundation(config, workdir: str, mesh) -> Foundation:
     pools = {}  # drawn once, only when something is trained
 
     def world(kind):
-        """The pretraining pools: "clip" (objects of the default sizes), "confounded" (the same
-        world with base shapes on their assigned backgrounds with probability
-        clip_train.confound), "generator" (objects of generator_object_size) and "cond_generator"
+        """The pretraining pools: "clip" (objects of the default sizes), "confounded" (photos and
+        drawings of the same world, ``photo_pool``: a fraction clip_train.photo_fraction are photos,
+        on their shape's usual background with probability clip_train.confound), "generator" (objects of generator_object_size) and "cond_generator"
         (cond_unet.pool_examples objects of cond_unet.object_size, for a class-conditional UNet
         trained from scratch)."""
         if kind not in pools:
             n = fc.pretrain_examples
+            if kind == "confounded":
+                ct = fc.clip_train
+                pools[kind] = photo_pool(n, photo_fraction=ct.photo_fraction, confound=ct.confound, resolution=res,
+                                         seed=WORLD_SEED + 1)
+                return pools[kind]
             n, kw = dict(clip=(n, dict(seed=WORLD_SEED)),
-                         confounded=(n, dict(seed=WORLD_SEED + 1, confound=fc.clip_train.confound)),
                          generator=(n, dict(seed=WORLD_SEED, object_size=gen_size)),
                          cond_generator=(fc.cond_unet.pool_examples,
                                          dict(seed=COND_WORLD_SEED, object_size=tuple(fc.cond_unet.object_size) or None))

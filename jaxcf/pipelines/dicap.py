@@ -39,6 +39,7 @@ def validate(config) -> None:
     if config.data.test_bias != -1:
         cfgs.check_range(config, "data.test_bias", 0.0, 1.0)
     cfgs.check_range(config, "foundation.clip_train.confound", 0.0, 1.0)
+    cfgs.check_range(config, "foundation.clip_train.photo_fraction", 0.0, 1.0)
     cfgs.check_int(config, "foundation.noise_classifier.steps", 1)
     cfgs.check_int(config, "foundation.noise_classifier.max_t", 1)
     if config.data.name == "shapes":
