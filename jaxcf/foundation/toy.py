@@ -148,9 +148,9 @@ def toy_foundation(config, workdir: str, mesh) -> Foundation:
     def world(kind):
         """The pretraining pools: "clip" (objects of the default sizes), "confounded" (photos and
         drawings of the same world, ``photo_pool``: a fraction clip_train.photo_fraction are photos,
-        on their shape's usual background with probability clip_train.confound), "generator" (objects of generator_object_size) and "cond_generator"
-        (cond_unet.pool_examples objects of cond_unet.object_size, for a class-conditional UNet
-        trained from scratch)."""
+        on their shape's usual background with probability clip_train.confound), "generator"
+        (objects of generator_object_size) and "cond_generator" (cond_unet.pool_examples objects of
+        cond_unet.object_size, for a class-conditional UNet trained from scratch)."""
         if kind not in pools:
             n = fc.pretrain_examples
             if kind == "confounded":
