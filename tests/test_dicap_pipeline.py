@@ -144,3 +144,37 @@ def test_the_config_that_made_the_shipped_weights_still_trains(tmp_path):
     meta = json.loads((tmp_path / "scratch" / "foundation" / "cond_unet.json").read_text())
     assert meta["data"]["pretrain_examples"] == 16 and meta["model"]["resnet_time_scale_shift"] == "scale_shift"
     assert "from_unconditional" not in meta
+
+
+def test_the_shipped_toy_clip_knows_the_shapes_and_its_photo_template_carries_the_shortcut():
+    """The world the DiCap toy's results rest on (README "DiCap on the shapes world"): the shipped
+    CLIP reads clean pretraining-size shapes zero-shot, and its pretraining corpus (photos on each
+    shape's usual background, drawings on any) makes "a photo of a {}." lean on the background where
+    "a drawing of a {}." does not: on the task's bias-conflicting images the drawing template wins."""
+    from jaxcf.data.common import to_model_range
+    from jaxcf.data.shapes import shapes_dataset
+    from jaxcf.foundation import encode_images, template_text_features
+    from jaxcf.foundation import toy as foundation
+    from jaxcf.train import make_mesh
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the shipped toy CLIP no longer matches configs/dicap.py:toy")
+
+    config = load_config(DICAP, "toy")
+    mesh = make_mesh([("data", -1)])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(foundation, "train_clip", no_training)
+        found = foundation.toy_foundation(config, "/nonexistent-workdir", mesh)
+
+    def accuracy(split, template, object_size=None):
+        ds = shapes_dataset(split, num_per_class=100, seed=11, object_size=object_size)
+        f = np.array(encode_images(found, to_model_range(ds.arrays["image"]), mesh=mesh))
+        t = np.array(template_text_features(found, list(ds.class_names), template, 16))
+        pred = np.argmax((f / np.linalg.norm(f, axis=-1, keepdims=True)) @ t.T, -1)
+        return float(np.mean(pred == ds.arrays["label"]))
+
+    assert accuracy("test_base", "a photo of a {}.") >= 0.9
+    assert accuracy("test_novel", "a photo of a {}.") >= 0.9
+    task = tuple(config.data.object_size)
+    photo, drawing = (accuracy("test_conflict", t, task) for t in ("a photo of a {}.", "a drawing of a {}."))
+    assert drawing > photo + 0.04, (photo, drawing)  # measured 41.8 / 50.3 at 200 per class
