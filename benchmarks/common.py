@@ -45,3 +45,16 @@ def write_json(path: str, results) -> None:
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
     print(f"wrote {path}")
+
+
+def dicap_toy(workdir: str):
+    """(config, mesh, foundation) of configs/dicap.py:toy: a mesh over every device and the toy
+    foundation, read from the shipped weights or trained in ``workdir`` when the config differs."""
+    from jaxcf.configs import config_file
+    from jaxcf.foundation import build_foundation
+    from jaxcf.train import make_mesh
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = config_file(os.path.join(root, "configs", "dicap.py"), "toy")
+    mesh = make_mesh()
+    return config, mesh, build_foundation(config, workdir, mesh)

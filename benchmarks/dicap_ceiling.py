@@ -15,28 +15,23 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from common import write_json  # benchmarks/common.py (scripts run from their folder's path)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import dicap_toy, write_json  # benchmarks/common.py (scripts run from their folder's path)
 
 
 def main():
-    from jaxcf.configs import config_file
     from jaxcf.data.shapes import render_shapes, with_shape
     from jaxcf.dicap.counterfactuals import sample_target_classes
     from jaxcf.dicap.estimation import PromptSetup
     from jaxcf.dicap.losses import class_cosines, counterfactual_contrastive_loss
     from jaxcf.dicap.prompts import init_prompt_params, prompt_text_features
     from jaxcf.dicap.sources import few_shot_source
-    from jaxcf.foundation import build_foundation, encode_images, template_text_features
-    from jaxcf.train import make_mesh
+    from jaxcf.foundation import encode_images, template_text_features
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
@@ -45,11 +40,9 @@ def main():
     ap.add_argument("--workdir", default="/tmp/jaxcf_ceiling")
     ap.add_argument("--out", default="benchmarks/results/dicap_ceiling_cpu.json")
     args = ap.parse_args()
-    c = config_file(os.path.join(ROOT, "configs", "dicap.py"), "toy")
+    c, mesh, found = dicap_toy(args.workdir)
     tc = c.train
-    mesh = make_mesh()
     src = few_shot_source(c)
-    found = build_foundation(c, args.workdir, mesh)
     max_len = found.clip.config.text.max_position_embeddings
     tests = src.tests()
     feats = {k: encode_images(found, x, mesh=mesh) for k, (x, _) in tests.items()}

@@ -21,22 +21,17 @@ Prints a table and writes JSON. Frozen CLIP only, about a minute on a CPU.
 from __future__ import annotations
 
 import argparse
-import os
 
 import numpy as np
 
-from common import write_json  # benchmarks/common.py (scripts run from their folder's path)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import dicap_toy, write_json  # benchmarks/common.py (scripts run from their folder's path)
 
 
 def main():
-    from jaxcf.configs import config_file
     from jaxcf.data.shapes import (BASE_CLASSES, COLOR_NAMES, SHAPE_NAMES, assigned_background, render_shapes,
                                    sample_factors, with_shape)
     from jaxcf.dicap.counterfactuals import sample_target_classes
-    from jaxcf.foundation import build_foundation, encode_images, template_text_features
-    from jaxcf.train import make_mesh
+    from jaxcf.foundation import encode_images, template_text_features
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=240, help="ground-truth pairs per base class")
@@ -46,9 +41,7 @@ def main():
     ap.add_argument("--workdir", default="/tmp/jaxcf_cf_directions")
     ap.add_argument("--out", default="benchmarks/results/dicap_cf_directions_cpu.json")
     args = ap.parse_args()
-    c = config_file(os.path.join(ROOT, "configs", "dicap.py"), "toy")
-    mesh = make_mesh()
-    found = build_foundation(c, args.workdir, mesh)
+    c, mesh, found = dicap_toy(args.workdir)
     rng = np.random.default_rng(args.seed)
     res, sizes = c.data.resolution, tuple(c.data.object_size)
     base = [int(b) for b in BASE_CLASSES]

@@ -12,23 +12,19 @@ prompts' init), "a drawing of a {}." and "a {}.". Prints a table and writes JSON
 from __future__ import annotations
 
 import argparse
-import os
 
 import numpy as np
 
-from common import write_json  # benchmarks/common.py (scripts run from their folder's path)
+from common import dicap_toy, write_json  # benchmarks/common.py (scripts run from their folder's path)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "a {}.")
 SPLITS = {"test_base": "base", "test_novel": "novel", "test_conflict": "bias-conflicting"}
 
 
 def main():
-    from jaxcf.configs import config_file
     from jaxcf.data.common import to_model_range
     from jaxcf.data.shapes import shapes_dataset
-    from jaxcf.foundation import build_foundation, encode_images, template_text_features
-    from jaxcf.train import make_mesh
+    from jaxcf.foundation import encode_images, template_text_features
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per_class", type=int, default=200, help="test images per class")
@@ -36,9 +32,7 @@ def main():
     ap.add_argument("--workdir", default="/tmp/jaxcf_toy_clip")
     ap.add_argument("--out", default="benchmarks/results/dicap_toy_clip_cpu.json")
     args = ap.parse_args()
-    c = config_file(os.path.join(ROOT, "configs", "dicap.py"), "toy")
-    mesh = make_mesh()
-    found = build_foundation(c, args.workdir, mesh)
+    c, mesh, found = dicap_toy(args.workdir)
     max_len = found.clip.config.text.max_position_embeddings
     sizes = {"pretraining sizes": None, f"task sizes {tuple(c.data.object_size)}": tuple(c.data.object_size)}
     rows = []
