@@ -219,15 +219,8 @@ def shapes_dataset(split: str = "pretrain", *, num_examples: int = 5000, shots: 
     aligned int32 [N] (1 where the background is the class's assigned one); caption str [N].
     """
     check_choice("split", split, SPLITS)
-    for name, value in (("bias", bias), ("test_bias", test_bias), ("confound", confound)):
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {value}.")
-    if object_size is not None:
-        lo, hi = (int(v) for v in object_size)
-        if not 1 <= lo <= hi <= resolution:
-            raise ValueError(f"object_size must be (min, max) with 1 <= min <= max <= resolution "
-                             f"({resolution}), got {tuple(object_size)}.")
-        object_size = (lo, hi)
+    _check_fractions(bias=bias, test_bias=test_bias, confound=confound)
+    object_size = _checked_object_size(object_size, resolution)
     rng = np.random.default_rng([seed, _SPLIT_STREAM[split]])
     n_colors = len(COLOR_NAMES)
     if split == "pretrain":
@@ -264,10 +257,33 @@ def shapes_dataset(split: str = "pretrain", *, num_examples: int = 5000, shots: 
     if split == "fewshot":
         perm = rng.permutation(len(factors))
         factors = factors[perm]
+    return _world_dataset(factors, classes, resolution, caption_layout=caption_layout)
+
+
+def _check_fractions(**values) -> None:
+    for name, value in values.items():
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}.")
+
+
+def _checked_object_size(object_size, resolution: int) -> tuple[int, int] | None:
+    if object_size is None:
+        return None
+    lo, hi = (int(v) for v in object_size)
+    if not 1 <= lo <= hi <= resolution:
+        raise ValueError(f"object_size must be (min, max) with 1 <= min <= max <= resolution "
+                         f"({resolution}), got {tuple(object_size)}.")
+    return lo, hi
+
+
+def _world_dataset(factors: np.ndarray, classes, resolution: int, *, caption_layout: bool = False,
+                   tied_shapes=BASE_CLASSES, **extra: np.ndarray) -> ArrayDataset:
+    """The ArrayDataset of rendered ``factors``: labels index ``classes``; ``aligned`` marks the
+    images of ``tied_shapes`` on their assigned background; ``extra`` arrays are added as given."""
     images, mask = render_shapes(factors, resolution=resolution)
     relabel = np.full((len(SHAPE_NAMES),), -1, np.int32)
     relabel[list(classes)] = np.arange(len(classes))
-    own = np.array([assigned_background(s) if s in BASE_CLASSES else -1
+    own = np.array([assigned_background(s) if s in tied_shapes else -1
                     for s in range(len(SHAPE_NAMES))])
     aligned = (own[factors[:, 0]] == factors[:, 2]).astype(np.int32)
     arrays = {
@@ -277,6 +293,7 @@ def shapes_dataset(split: str = "pretrain", *, num_examples: int = 5000, shots: 
         "mask": mask,
         "aligned": aligned,
         "caption": np.array(captions(factors, resolution=resolution, layout=caption_layout)),
+        **extra,
     }
     info = {"classes": classes, "factor_names": FACTOR_NAMES, "resolution": resolution}
     return ArrayDataset(arrays, tuple(SHAPE_NAMES[c] for c in classes), info)
@@ -293,9 +310,8 @@ def photo_pool(num_examples: int, *, photo_fraction: float, confound: float, res
     "a drawing of a star") learns the spurious background for "photo" and not for "drawing".
     Arrays as the "pretrain" split, plus style int32 [N] (1 = photo, 0 = drawing).
     """
-    for name, value in (("photo_fraction", photo_fraction), ("confound", confound)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {value}.")
+    _check_fractions(photo_fraction=photo_fraction, confound=confound)
+    object_size = _checked_object_size(object_size, resolution)
     rng = np.random.default_rng([seed, len(SPLITS)])  # a stream of its own
     shape = rng.integers(0, len(SHAPE_NAMES), size=num_examples)
     photo = rng.random(num_examples) < photo_fraction
@@ -303,12 +319,8 @@ def photo_pool(num_examples: int, *, photo_fraction: float, confound: float, res
     own = np.array([assigned_background(s) for s in shape])
     background = np.where(tied, own, rng.integers(0, len(COLOR_NAMES), size=num_examples))
     factors = sample_factors(shape, background, rng, resolution=resolution, sizes=object_size)
-    images, mask = render_shapes(factors, resolution=resolution)
-    arrays = {"image": images, "label": factors[:, 0].astype(np.int32), "factors": factors, "mask": mask,
-              "aligned": (own == factors[:, 2]).astype(np.int32), "style": photo.astype(np.int32),
-              "caption": np.array(captions(factors, resolution=resolution))}
-    info = {"classes": tuple(range(len(SHAPE_NAMES))), "factor_names": FACTOR_NAMES, "resolution": resolution}
-    return ArrayDataset(arrays, SHAPE_NAMES, info)
+    every = tuple(range(len(SHAPE_NAMES)))
+    return _world_dataset(factors, every, resolution, tied_shapes=every, style=photo.astype(np.int32))
 
 
 def class_names(classes: str = "all") -> tuple[str, ...]:

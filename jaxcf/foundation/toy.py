@@ -152,18 +152,16 @@ def toy_foundation(config, workdir: str, mesh) -> Foundation:
         (objects of generator_object_size) and "cond_generator" (cond_unet.pool_examples objects of
         cond_unet.object_size, for a class-conditional UNet trained from scratch)."""
         if kind not in pools:
-            n = fc.pretrain_examples
-            if kind == "confounded":
-                ct = fc.clip_train
-                pools[kind] = photo_pool(n, photo_fraction=ct.photo_fraction, confound=ct.confound, resolution=res,
-                                         seed=WORLD_SEED + 1)
-                return pools[kind]
-            n, kw = dict(clip=(n, dict(seed=WORLD_SEED)),
-                         generator=(n, dict(seed=WORLD_SEED, object_size=gen_size)),
-                         cond_generator=(fc.cond_unet.pool_examples,
-                                         dict(seed=COND_WORLD_SEED, object_size=tuple(fc.cond_unet.object_size) or None))
-                         )[kind]
-            pools[kind] = shapes_dataset("pretrain", num_examples=n, resolution=res, **kw)
+            n, ct, cu = fc.pretrain_examples, fc.clip_train, fc.cond_unet
+            make = dict(
+                clip=lambda: shapes_dataset("pretrain", num_examples=n, resolution=res, seed=WORLD_SEED),
+                confounded=lambda: photo_pool(n, photo_fraction=ct.photo_fraction, confound=ct.confound,
+                                              resolution=res, seed=WORLD_SEED + 1),
+                generator=lambda: shapes_dataset("pretrain", num_examples=n, resolution=res, seed=WORLD_SEED,
+                                                 object_size=gen_size),
+                cond_generator=lambda: shapes_dataset("pretrain", num_examples=cu.pool_examples, resolution=res,
+                                                      seed=COND_WORLD_SEED, object_size=tuple(cu.object_size) or None))
+            pools[kind] = make[kind]()
         return pools[kind]
 
     clip_meta = dict(model=clip_cfg, train=fc.clip_train.to_dict(), data=data_meta, text_max_len=fc.text_max_len)
