@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
 from common import dicap_toy, write_json  # benchmarks/common.py (scripts run from their folder's path)
 
 TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "a {}.")
@@ -24,6 +22,8 @@ SPLITS = {"test_base": "base", "test_novel": "novel", "test_conflict": "bias-con
 def main():
     from jaxcf.data.common import to_model_range
     from jaxcf.data.shapes import shapes_dataset
+    from jaxcf.dicap.losses import class_cosines
+    from jaxcf.dicap.metrics import accuracy
     from jaxcf.foundation import encode_images, template_text_features
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,13 +40,11 @@ def main():
         for split, split_name in SPLITS.items():
             ds = shapes_dataset(split, num_per_class=args.per_class, seed=args.seed, object_size=size,
                                 resolution=c.data.resolution)
-            f = np.array(encode_images(found, to_model_range(ds.arrays["image"]), mesh=mesh))
-            f /= np.linalg.norm(f, axis=-1, keepdims=True)
+            f = encode_images(found, to_model_range(ds.arrays["image"]), mesh=mesh)
             row = dict(objects=size_name, split=split_name)
             for tmpl in TEMPLATES:
-                t = np.array(template_text_features(found, list(ds.class_names), tmpl, max_len))
-                t /= np.linalg.norm(t, axis=-1, keepdims=True)
-                row[tmpl] = float(np.mean(np.argmax(f @ t.T, -1) == ds.arrays["label"]))
+                t = template_text_features(found, list(ds.class_names), tmpl, max_len)
+                row[tmpl] = accuracy(class_cosines(f, t), ds.arrays["label"])
             rows.append(row)
             print(row, flush=True)
     print(f"\nzero-shot accuracy (%), {args.per_class} images per class\n")

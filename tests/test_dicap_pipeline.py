@@ -153,25 +153,21 @@ def test_the_shipped_toy_clip_knows_the_shapes_and_its_photo_template_carries_th
     "a drawing of a {}." does not: on the task's bias-conflicting images the drawing template wins."""
     from jaxcf.data.common import to_model_range
     from jaxcf.data.shapes import shapes_dataset
+    from jaxcf.dicap.losses import class_cosines
+    from jaxcf.dicap.metrics import accuracy as top1
     from jaxcf.foundation import encode_images, template_text_features
-    from jaxcf.foundation import toy as foundation
     from jaxcf.train import make_mesh
-
-    def no_training(*args, **kwargs):
-        raise AssertionError("the shipped toy CLIP no longer matches configs/dicap.py:toy")
+    from tests.test_main import shipped_toy_foundation
 
     config = load_config(DICAP, "toy")
     mesh = make_mesh([("data", -1)])
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(foundation, "train_clip", no_training)
-        found = foundation.toy_foundation(config, "/nonexistent-workdir", mesh)
+    found = shipped_toy_foundation(config, mesh)
 
     def accuracy(split, template, object_size=None):
         ds = shapes_dataset(split, num_per_class=100, seed=11, object_size=object_size)
-        f = np.array(encode_images(found, to_model_range(ds.arrays["image"]), mesh=mesh))
-        t = np.array(template_text_features(found, list(ds.class_names), template, 16))
-        pred = np.argmax((f / np.linalg.norm(f, axis=-1, keepdims=True)) @ t.T, -1)
-        return float(np.mean(pred == ds.arrays["label"]))
+        f = encode_images(found, to_model_range(ds.arrays["image"]), mesh=mesh)
+        return top1(class_cosines(f, template_text_features(found, list(ds.class_names), template, 16)),
+                    ds.arrays["label"])
 
     assert accuracy("test_base", "a photo of a {}.") >= 0.9
     assert accuracy("test_novel", "a photo of a {}.") >= 0.9

@@ -25,6 +25,20 @@ def load_config(path, arg=None):
     return mod.get_config(arg)
 
 
+def shipped_toy_foundation(config, mesh):
+    """The DiCap toy foundation of ``config`` from the shipped weights only: training any of its
+    models (the config no longer matches jaxcf/assets) fails the test instead."""
+    from jaxcf.foundation import toy as foundation
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the shipped toy foundation no longer matches configs/dicap.py:toy")
+
+    with pytest.MonkeyPatch.context() as mp:  # nothing is trained or written
+        for name in ("train_clip", "train_eps_model", "train_noise_classifier"):
+            mp.setattr(foundation, name, no_training)
+        return foundation.toy_foundation(config, "/nonexistent-workdir", mesh)
+
+
 def main_cmd(*args):
     return [sys.executable, "-m", "jaxcf.main", *args]
 

@@ -52,21 +52,13 @@ def scans(jaxpr):
 def toy():
     """(config, float32 foundation, bfloat16 foundation, world images [12, 32, 32, 3], labels)."""
     from jaxcf.data.shapes import shapes_dataset
-    from jaxcf.foundation import toy as foundation
-    from tests.test_main import ROOT, load_config
-
-    def no_training(*args, **kwargs):
-        raise AssertionError("the shipped toy foundation no longer matches configs/dicap.py:toy")
+    from tests.test_main import ROOT, load_config, shipped_toy_foundation
 
     config = load_config(os.path.join(ROOT, "configs", "dicap.py"), "toy")
     mesh = make_mesh([("data", -1)])
-    with pytest.MonkeyPatch.context() as mp:  # shipped weights only: nothing is trained or written
-        mp.setattr(foundation, "train_clip", no_training)
-        mp.setattr(foundation, "train_eps_model", no_training)
-        mp.setattr(foundation, "train_noise_classifier", no_training)
-        found32 = foundation.toy_foundation(config, "/nonexistent-workdir", mesh)
-        config.dtype = "bfloat16"
-        found16 = foundation.toy_foundation(config, "/nonexistent-workdir", mesh)
+    found32 = shipped_toy_foundation(config, mesh)
+    config.dtype = "bfloat16"
+    found16 = shipped_toy_foundation(config, mesh)
     ds = shapes_dataset("test_base", resolution=config.data.resolution, num_per_class=2, seed=7)
     arr = ds.get(np.arange(len(ds)), keys=("image", "label"))
     return config, found32, found16, arr["image"], arr["label"]
