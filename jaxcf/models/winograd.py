@@ -74,7 +74,17 @@ def _chunked(x, kernel):
     chunks = batch_chunks(x.shape)
     if chunks == 1:
         return _winograd_forward(x, kernel)
-    y = jax.lax.map(lambda xc: _winograd_forward(xc, kernel), x.reshape(chunks, n // chunks, *x.shape[1:]))
+    # Chunk j holds images j, j + chunks, j + 2 chunks, ...: the loop slices the minor axis of
+    # [n / chunks, chunks, ...], so a batch split over devices along its first axis stays split in
+    # every chunk (slicing the leading axis of [chunks, n / chunks, ...] made the SPMD partitioner
+    # gather the whole batch onto every device and convolve all of it there).
+    xs = x.reshape(n // chunks, chunks, *x.shape[1:])
+
+    def body(j, y):
+        yj = _winograd_forward(jax.lax.dynamic_index_in_dim(xs, j, axis=1, keepdims=False), kernel)
+        return jax.lax.dynamic_update_index_in_dim(y, yj, j, axis=1)
+
+    y = jax.lax.fori_loop(0, chunks, body, jnp.zeros((n // chunks, chunks, *x.shape[1:3], kernel.shape[-1]), x.dtype))
     return y.reshape(n, *y.shape[2:])
 
 
