@@ -101,12 +101,22 @@ def main():
     qt, kt, vt = (torch.from_numpy(a.transpose(0, 2, 1, 3).copy()) for a in (q, k, v))
     ref, ours = jax.jit(jax.nn.dot_product_attention), jax.jit(heads_major_attention)
 
+    ref_grad, our_grad = (jax.jit(jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2)))
+                          for f in (jax.nn.dot_product_attention, heads_major_attention))
+    qt_g, kt_g, vt_g = (a.clone().requires_grad_() for a in (qt, kt, vt))
+
     def torch_attn():
         with torch.no_grad():
             torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
 
+    def torch_attn_grad():
+        out = torch.nn.functional.scaled_dot_product_attention(qt_g, kt_g, vt_g)
+        torch.autograd.grad((out ** 2).sum(), (qt_g, kt_g, vt_g))
+
     t = interleaved({"xla_fwd": lambda: ref(qj, kj, vj).block_until_ready(), "torch_fwd": torch_attn,
-                     "jaxcf_fwd": lambda: ours(qj, kj, vj).block_until_ready()}, R)
+                     "jaxcf_fwd": lambda: ours(qj, kj, vj).block_until_ready(),
+                     "xla_fwd_bwd": lambda: jax.block_until_ready(ref_grad(qj, kj, vj)), "torch_fwd_bwd": torch_attn_grad,
+                     "jaxcf_fwd_bwd": lambda: jax.block_until_ready(our_grad(qj, kj, vj))}, R)
     rows.append({"op": "attention 256 px, 16 heads x 8", **{f"{k}_ms": v * 1e3 for k, v in t.items()},
                  "jaxcf_max_abs_diff": float(jnp.max(jnp.abs(ours(qj, kj, vj) - ref(qj, kj, vj))))})
 
