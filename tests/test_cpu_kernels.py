@@ -112,7 +112,7 @@ def test_flax_conv_takes_the_route_and_matches_xla():
         assert "conv_general_dilated" in str(jax.make_jaxpr(layer.apply)(params, x))
 
 
-@pytest.mark.parametrize("b,t,s,n,h", [(2, 16, 16, 4, 8), (1, 7, 5, 2, 3), (2, 64, 64, 16, 8)])
+@pytest.mark.parametrize("b,t,s,n,h", [(2, 16, 16, 4, 8), (1, 7, 5, 2, 3), (2, 64, 64, 16, 8), (1, 9, 6, 3, 4)])
 def test_heads_major_attention_matches_jax(b, t, s, n, h):
     r = np.random.default_rng(4)
     q = r.normal(size=(b, t, n, h)).astype(np.float32) * 3  # large logits: tests the max shift
