@@ -50,6 +50,11 @@ def test_winograd_batch_chunks_match(monkeypatch):
     monkeypatch.setattr(winograd, "CHUNK_ELEMENTS", 2 * 8 * 8 * 4)  # 3 chunks of 2 images
     assert winograd.batch_chunks(x.shape) == 3
     assert winograd.batch_chunks((5, 8, 8, 4)) == 5  # no divisor fits: one image at a time
+    with winograd.batch_split(2):  # sized by each of two devices' share, whole images per device
+        assert winograd.batch_chunks(x.shape) == 3  # 6 = 3 chunks x 2 devices x 1 image
+        assert winograd.batch_chunks((8, 8, 8, 4)) == 2  # 2 chunks x 2 devices x 2 images
+        assert winograd.batch_chunks((5, 8, 8, 4)) == 5  # not divisible by the split: as before
+    assert winograd.batch_chunks((8, 8, 8, 4)) == 4
     chunked = np.asarray(winograd.winograd_conv3x3(x, k))
     np.testing.assert_allclose(chunked, whole, atol=1e-6, rtol=0)
     np.testing.assert_allclose(chunked, conv3x3_f64(x, k), atol=2e-5 * np.abs(whole).max(), rtol=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from jaxcf.models import winograd
 from jaxcf.train.mesh import data_sharding, param_shardings, replicated
 
 
@@ -89,8 +91,15 @@ def jit_update(update: Callable, state_shardings: Any, mesh: Mesh, data_axis: st
     """Jits ``update(state, batch[, frozen])`` once: state donated, batch split over the data axis,
     frozen params placed by ``frozen_shardings`` (when given), metrics replicated."""
     extra = () if frozen_shardings is None else (frozen_shardings,)
+    devices = mesh.shape[data_axis]
+
+    @functools.wraps(update)
+    def traced(*args):
+        with winograd.batch_split(devices):  # CPU convolutions chunk each device's share of the batch
+            return update(*args)
+
     return jax.jit(
-        update,
+        traced,
         in_shardings=(state_shardings, data_sharding(mesh, data_axis)) + extra,
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=(0,),
