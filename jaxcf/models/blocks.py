@@ -12,6 +12,7 @@ dropout 0 (the diffusers default).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Iterable, Mapping, Sequence
@@ -151,22 +152,67 @@ class GroupNorm(nn.Module):
             raise ValueError(f"GroupNorm: {c} channels are not divisible by num_groups={self.num_groups}")
         gamma = self.param("scale", nn.initializers.ones, (c,), self.param_dtype).astype(jnp.float32)
         beta = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype).astype(jnp.float32)
-        xf = x.astype(jnp.float32)
-        b, per = x.shape[0], c // self.num_groups
-        spatial = tuple(range(1, x.ndim - 1))
-        count = per * math.prod(x.shape[1:-1])
-        bshape = (b,) + (1,) * len(spatial) + (c,)
+        return _group_norm(x, gamma, beta, self.num_groups, self.epsilon)
 
-        def per_group_mean(channel_sums):  # [B, C] -> [B, C], each channel holding its group's mean
-            g = channel_sums.reshape(b, self.num_groups, per).sum(-1) / count
-            return jnp.repeat(g, per, axis=-1)
 
-        mean = per_group_mean(jnp.sum(xf, axis=spatial))
-        centred = xf - mean.reshape(bshape)
-        var = per_group_mean(jnp.sum(centred * centred, axis=spatial))
-        scale = gamma * jax.lax.rsqrt(var + self.epsilon)  # [B, C]
-        shift = beta - mean * scale
-        return (xf * scale.reshape(bshape) + shift.reshape(bshape)).astype(x.dtype)
+def _group_helpers(shape, groups: int):
+    """For x of ``shape`` [B, ..., C]: a function [B, C] channel sums -> [B, C] with each channel
+    holding its group's mean, and the shape that broadcasts a [B, C] array over x."""
+    b, c = shape[0], shape[-1]
+    per = c // groups
+    count = per * math.prod(shape[1:-1])
+
+    def per_group_mean(channel_sums):
+        return jnp.repeat(channel_sums.reshape(b, groups, per).sum(-1) / count, per, axis=-1)
+
+    return per_group_mean, (b,) + (1,) * (len(shape) - 2) + (c,)
+
+
+def _group_stats(xf, groups: int, eps: float):
+    """Per-channel [B, C] group mean and 1 / std of a float32 [B, ..., C] (two passes: the mean, then
+    the centred second moment, so the variance is exact in float32)."""
+    per_group_mean, bshape = _group_helpers(xf.shape, groups)
+    spatial = tuple(range(1, xf.ndim - 1))
+    mean = per_group_mean(jnp.sum(xf, axis=spatial))
+    centred = xf - mean.reshape(bshape)
+    var = per_group_mean(jnp.sum(centred * centred, axis=spatial))
+    return mean, jax.lax.rsqrt(var + eps), bshape
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _group_norm(x, gamma, beta, groups: int, eps: float):
+    """GroupNorm of x [B, ..., C] with float32 gamma, beta [C]; returns x's dtype. Its gradient is
+    written out (:func:`_group_norm_bwd`)."""
+    return _group_norm_fwd(x, gamma, beta, groups, eps)[0]
+
+
+def _group_norm_fwd(x, gamma, beta, groups, eps):
+    xf = x.astype(jnp.float32)
+    mean, inv, bshape = _group_stats(xf, groups, eps)
+    scale = gamma * inv  # [B, C]: normalisation and affine map as one per-channel scale and shift
+    y = (xf * scale.reshape(bshape) + (beta - mean * scale).reshape(bshape)).astype(x.dtype)
+    return y, (x, gamma, mean, inv)
+
+
+def _group_norm_bwd(groups, eps, res, dy):
+    """With xh = (x - mean) * inv and g = dy * gamma: dbeta = sum dy, dgamma = sum dy * xh, and
+    dx = inv * (g - mean_group(g) - xh * mean_group(g * xh)). One pass reads x and dy for the
+    per-channel sums, one more writes dx (autodiff of the forward made several)."""
+    x, gamma, mean, inv = res
+    xf, dyf = x.astype(jnp.float32), dy.astype(jnp.float32)
+    per_group_mean, bshape = _group_helpers(xf.shape, groups)
+    spatial = tuple(range(1, x.ndim - 1))
+    xh = (xf - mean.reshape(bshape)) * inv.reshape(bshape)
+    s_dy = jnp.sum(dyf, axis=spatial)  # [B, C]
+    s_dyxh = jnp.sum(dyf * xh, axis=spatial)
+    a = per_group_mean(s_dy * gamma)  # [B, C]: the group mean of g
+    c = per_group_mean(s_dyxh * gamma)  # the group mean of g * xh
+    scale = gamma * inv
+    dx = dyf * scale.reshape(bshape) - (inv * a).reshape(bshape) - xh * (inv * c).reshape(bshape)
+    return dx.astype(x.dtype), jnp.sum(s_dyxh, axis=0), jnp.sum(s_dy, axis=0)
+
+
+_group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
 def group_norm(x: jax.Array, groups: int, eps: float, name: str, param_dtype: Dtype = jnp.float32) -> jax.Array:
