@@ -12,6 +12,16 @@ from jaxcf.train import cpu_devices
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_fresh_cpu_process(code: str) -> str:
+    """Runs ``python -c code`` on the CPU in a process of its own, without this one's device-count
+    settings (XLA_FLAGS, JAX_NUM_CPU_DEVICES, JAXCF_CPU_DEVICES); asserts it succeeded, returns its stdout."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", "JAXCF_CPU_DEVICES")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env=dict(env, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
 @pytest.mark.parametrize("value,env,cores,multi,want", [
     ("auto", {}, 2, False, 2),
     ("auto", {}, 16, False, 2),  # auto asks for at most AUTO_MAX (the measured count)
@@ -43,11 +53,7 @@ def test_bad_values_name_their_source(value, env, message):
 def test_apply_splits_the_cpu_before_the_backend_starts():
     code = ("import json, jax; from jaxcf.train import cpu_devices; n = cpu_devices.apply('3'); "
             "print(json.dumps([n, jax.device_count(), jax.default_backend()]))")
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", "JAXCF_CPU_DEVICES")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
-                         env=dict(env, JAX_PLATFORMS="cpu"))
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.splitlines()[-1]) == [3, 3, "cpu"]
+    assert json.loads(run_fresh_cpu_process(code).splitlines()[-1]) == [3, 3, "cpu"]
 
 
 def test_after_the_backend_started_auto_keeps_it_and_a_number_is_an_error():
@@ -56,10 +62,6 @@ def test_after_the_backend_started_auto_keeps_it_and_a_number_is_an_error():
             "try:\n    cpu_devices.apply('2'); err = ''\n"
             "except cpu_devices.CpuDevicesError as e:\n    err = str(e)\n"
             "print(json.dumps([auto, jax.device_count(), err]))")
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", "JAXCF_CPU_DEVICES")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
-                         env=dict(env, JAX_PLATFORMS="cpu"))
-    assert out.returncode == 0, out.stderr[-2000:]
-    auto, count, err = json.loads(out.stdout.splitlines()[-1])
+    auto, count, err = json.loads(run_fresh_cpu_process(code).splitlines()[-1])
     assert auto is None and count == 1
     assert "--cpu_devices=2: JAX has already started its backends" in err

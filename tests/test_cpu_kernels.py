@@ -177,15 +177,11 @@ def test_winograd_chunks_of_a_sharded_batch_stay_on_their_devices():
     """On a batch split over devices, each device convolves only its own images: the chunk loop
     takes every chunk from all devices' rows (slicing the leading axis made XLA's partitioner
     gather the whole batch onto each device). Run in a process with two CPU devices."""
-    import os
-    import subprocess
-    import sys
+    from tests.test_cpu_devices import run_fresh_cpu_process
 
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", "JAXCF_CPU_DEVICES")}
-    out = subprocess.run([sys.executable, "-c", _SHARDED_CHUNKS], capture_output=True, text=True, timeout=120, env=env)
-    assert out.returncode == 0, out.stderr[-2000:]
-    words = out.stdout.split()
-    assert words[:2] == ["gathers", "0"], out.stdout
-    assert int(words[3]) >= 1, out.stdout  # the chunk loop is there (forward and input gradient)
-    assert float(words[5]) < 1e-4, out.stdout
-    assert "data" in words[7], out.stdout
+    stdout = run_fresh_cpu_process(_SHARDED_CHUNKS)
+    words = stdout.split()
+    assert words[:2] == ["gathers", "0"], stdout
+    assert int(words[3]) >= 1, stdout  # the chunk loop is there (forward and input gradient)
+    assert float(words[5]) < 1e-4, stdout
+    assert "data" in words[7], stdout
