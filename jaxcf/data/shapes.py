@@ -316,8 +316,7 @@ def photo_pool(num_examples: int, *, photo_fraction: float, confound: float, res
     shape = rng.integers(0, len(SHAPE_NAMES), size=num_examples)
     photo = rng.random(num_examples) < photo_fraction
     tied = photo & (rng.random(num_examples) < confound)
-    own = np.array([assigned_background(s) for s in shape])
-    background = np.where(tied, own, rng.integers(0, len(COLOR_NAMES), size=num_examples))
+    background = np.where(tied, assigned_background(shape), rng.integers(0, len(COLOR_NAMES), size=num_examples))
     factors = sample_factors(shape, background, rng, resolution=resolution, sizes=object_size)
     every = tuple(range(len(SHAPE_NAMES)))
     return _world_dataset(factors, every, resolution, tied_shapes=every, style=photo.astype(np.int32))
