@@ -5,7 +5,8 @@ DiDAE decoder and DiCap tiny CLIP at their shipped configs.
    (diffusers builds them, ``save_pretrained``, jaxcf ``load_unet2d``), the same batch, eps-MSE
    loss at a uniform timestep, AdamW (optax.adamw / torch.optim.AdamW, lr 1e-4, weight decay
    0.01). jaxcf's step is the pipelines' own: ``make_update_fn`` + ``jit_update`` (one jitted
-   program, train state donated). Repeats alternate jaxcf and diffusers, so load on a shared
+   program, train state donated), with the gradient taken per data shard as ``train_eps_model``
+   does (``--grad=global``: one program XLA partitions, the default of ``make_update_fn``). Repeats alternate jaxcf and diffusers, so load on a shared
    machine hits both alike.
 2. The DiffAE decoder of ``configs/didae.py:square_tiny`` (its ``decoder`` fields, batch and
    optimizer: Adam with global-norm clipping, EMA, v-prediction, conditioned on the frozen Square
@@ -92,7 +93,7 @@ def interleaved(runners: dict, steps: int, repeats: int) -> dict:
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def unet_setup(size: str, batch: int, dtype: str):
+def unet_setup(size: str, batch: int, dtype: str, grad: str = "per_shard"):
     """(jaxcf runner, torch runner, info) for the UNet2DModel comparison."""
     import jax.numpy as jnp
     import optax
@@ -118,9 +119,12 @@ def unet_setup(size: str, batch: int, dtype: str):
     mesh = make_mesh([("data", -1)])
     tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
     state, shardings = create_train_state(params, tx, 0, mesh)
-    update = jit_update(make_update_fn(denoising_loss(model, schedule), tx), shardings, mesh)
+    shard_mesh = mesh if grad == "per_shard" else None  # per_shard: as train_eps_model trains a denoiser
+    update = jit_update(make_update_fn(denoising_loss(model, schedule), tx, shard_mesh=shard_mesh), shardings, mesh)
     b = shard_batch({"image": x0}, mesh)
-    flops = step_cost(update, state, b)
+    # FLOPs of the global program for either --grad (XLA's cost analysis of the shard_map program
+    # counts more: 76 against 66 GFLOP per step)
+    flops = step_cost(jit_update(make_update_fn(denoising_loss(model, schedule), tx), shardings, mesh), state, b)
 
     # diffusers: the same objective, t ~ U{0..T-1}, x_t = sqrt(abar) x0 + sqrt(1 - abar) eps
     opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
@@ -154,7 +158,7 @@ def unet_setup(size: str, batch: int, dtype: str):
     return jax_steps(update, state, b), torch_run, info
 
 
-def decoder_setup(batch: int | None, dtype: str):
+def decoder_setup(batch: int | None, dtype: str, grad: str = "per_shard"):
     """jaxcf runner for the DiffAE decoder of configs/didae.py:square_tiny, trained as the pipeline does."""
     import jax
     import optax
@@ -187,12 +191,14 @@ def decoder_setup(batch: int | None, dtype: str):
     state, shardings = create_train_state(params, tx, 0, mesh, ema=True)
     frozen_sh = param_shardings(enc_params, mesh)
     loss_fn = denoising_loss(dec, schedule, semantic_cond(encode), tc.prediction)
-    update = jit_update(make_update_fn(loss_fn, tx, ema_decay=tc.ema_decay), shardings, mesh,
-                        frozen_shardings=frozen_sh)
+    update = jit_update(make_update_fn(loss_fn, tx, ema_decay=tc.ema_decay, shard_mesh=mesh if grad == "per_shard" else None),
+                        shardings, mesh, frozen_shardings=frozen_sh)
     x0 = np.random.default_rng(0).uniform(-1, 1, (batch, res, res, 3)).astype(np.float32)
     b = shard_batch({"image": x0}, mesh)
     frozen = (jax.device_put(enc_params, frozen_sh),)
-    flops = step_cost(update, state, b, frozen)
+    global_update = jit_update(make_update_fn(loss_fn, tx, ema_decay=tc.ema_decay), shardings, mesh,
+                               frozen_shardings=frozen_sh)
+    flops = step_cost(global_update, state, b, frozen)  # the global program's, as for the UNet
     info = {"params": num_params(params), "resolution": res, "batch": batch, "step_gflop": flops / 1e9,
             "config": "configs/didae.py:square_tiny decoder", "prediction": tc.prediction}
     return jax_steps(update, state, b, frozen), info
@@ -249,6 +255,9 @@ def main():
     ap.add_argument("--cpu_devices", default="auto",
                     help="JAX devices the CPU is split into (jaxcf.train.cpu_devices; auto: as python -m jaxcf.main "
                          "does, 2 on a 2-core machine); jaxcf's steps run data-parallel over them")
+    ap.add_argument("--grad", default="per_shard", choices=["per_shard", "global"],
+                    help="UNet / decoder gradient: per_shard (as the pipelines train denoisers: per device, one flat "
+                         "all-reduce; jaxcf.train.per_shard_value_and_grad) or global (one program XLA partitions)")
     ap.add_argument("--out", default="benchmarks/results/train_cpu.json")
     args = ap.parse_args()
 
@@ -260,12 +269,12 @@ def main():
     only = set(args.only.split(","))
     rows, runners, infos = [], {}, {}
     if "unet" in only:
-        jrun, trun, infos["unet"] = unet_setup(args.size, args.batch, args.dtype)
+        jrun, trun, infos["unet"] = unet_setup(args.size, args.batch, args.dtype, args.grad)
         runners["unet_jaxcf"] = jrun
         if not args.skip_torch:
             runners["unet_diffusers"] = trun
     if "decoder" in only:
-        runners["decoder_jaxcf"], infos["decoder"] = decoder_setup(args.decoder_batch or None, args.dtype)
+        runners["decoder_jaxcf"], infos["decoder"] = decoder_setup(args.decoder_batch or None, args.dtype, args.grad)
     if "clip" in only:
         runners["clip_jaxcf"], infos["clip"] = clip_setup(args.clip_batch or None, args.dtype)
     sec = interleaved(runners, args.steps, args.repeats)
@@ -290,7 +299,7 @@ def main():
     out = {"dtype": args.dtype, "steps": args.steps, "repeats": args.repeats, "device": device,
            "backend": jax.default_backend(), "platform": platform.platform(), "jax": jax.__version__,
            "torch": torch.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-           "jax_devices": jax.device_count(), "cpu_devices": args.cpu_devices, "rows": rows}
+           "jax_devices": jax.device_count(), "cpu_devices": args.cpu_devices, "grad": args.grad, "rows": rows}
     write_json(args.out, out)
 
 

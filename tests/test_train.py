@@ -151,3 +151,88 @@ def test_class_conditional_denoiser_trains_from_scratch_with_label_dropout(tmp_p
     again = train()  # finished: resumes from the last checkpoint instead of training again
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(again)):
         np.testing.assert_array_equal(a, b)
+
+
+_PER_SHARD = """
+import os, json
+os.environ["JAX_NUM_CPU_DEVICES"] = "2"
+import re
+import numpy as np, jax, jax.numpy as jnp, optax
+from jaxcf.models import winograd
+from jaxcf.train import create_train_state, jit_update, make_mesh, make_update_fn, per_shard_value_and_grad, shard_batch
+winograd.CHUNK_ELEMENTS = 2 * 8 * 8 * 64  # the 32 -> 64 conv loops over chunks inside each shard
+mesh = make_mesh([("data", -1)])
+r = np.random.default_rng(0)
+params = {"k": jnp.asarray(r.normal(size=(3, 3, 32, 64)) * 0.1, jnp.float32), "w": jnp.asarray(r.normal(size=(64, 3)), jnp.float32),
+          "b": jnp.zeros(3)}
+batch = shard_batch({"x": r.normal(size=(8, 8, 8, 32)).astype(np.float32), "y": r.normal(size=(8, 3)).astype(np.float32)}, mesh)
+
+def loss(p, b, rng):  # a mean over examples, no randomness
+    h = jnp.tanh(winograd.conv_general_dilated(b["x"], p["k"], (1, 1), ((1, 1), (1, 1)),
+                                               dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    out = h.mean((1, 2)) @ p["w"] + p["b"]
+    return jnp.mean((out - b["y"]) ** 2), {"out_mean": jnp.mean(out)}
+
+ref = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, batch, jax.random.key(0))
+f = jax.jit(per_shard_value_and_grad(loss, mesh))
+got = f(params, batch, jax.random.key(0))
+err = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)))
+def all_reduced_arrays(jitted):  # operands of each all-reduce of the compiled program
+    hlo = jitted.lower(params, batch, jax.random.key(0)).compile().as_text()
+    return [ops.count("%") for ops in re.findall(r" all-reduce\\(([^)]*)\\)", hlo)]
+
+arrays = all_reduced_arrays(f)
+arrays_global = all_reduced_arrays(jax.jit(jax.value_and_grad(loss, has_aux=True)))
+
+def noisy(p, b, rng):  # each device draws from its own key; d/db_j = mean(z) / 3
+    return jnp.mean(jax.random.normal(rng, (b["y"].shape[0],))[:, None] * p["b"]), {}
+
+draws = jax.jit(per_shard_value_and_grad(noisy, mesh))(params, batch, jax.random.key(1))[1]["b"]
+draws_again = jax.jit(per_shard_value_and_grad(noisy, mesh))(params, batch, jax.random.key(1))[1]["b"]
+halves = [jax.random.normal(jax.random.fold_in(jax.random.key(1), i), (4,)).mean() / 3 for i in range(2)]
+tx = optax.adamw(1e-2)
+state, sh = create_train_state(params, tx, 0, mesh)
+s1, m1 = jit_update(make_update_fn(loss, tx), sh, mesh)(state, batch)
+state, sh = create_train_state(params, tx, 0, mesh)
+s2, m2 = jit_update(make_update_fn(loss, tx, shard_mesh=mesh), sh, mesh)(state, batch)
+step_err = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)))
+print(json.dumps({"err": err, "arrays": arrays, "arrays_global": arrays_global, "draws": float(draws[0]), "again": float(draws_again[0]),
+                  "expected": float(np.mean(halves)), "step_err": step_err, "loss": [float(m1["loss"]), float(m2["loss"])]}))
+"""
+
+
+def test_per_shard_gradient_equals_the_global_one_with_one_all_reduce():
+    """per_shard_value_and_grad on two CPU devices: for a mean over examples, the loss, metrics and
+    gradients equal the global program's (and one update step of make_update_fn(shard_mesh=...)
+    equals the default one) while the compiled program all-reduces one flat gradient buffer
+    instead of one array per parameter; device i draws from fold_in(rng, i), deterministically.
+    The loss holds a chunked Winograd convolution (its loop runs inside the shard)."""
+    from tests.test_cpu_devices import run_fresh_cpu_process
+
+    out = json.loads(run_fresh_cpu_process(_PER_SHARD).strip().splitlines()[-1])
+    assert out["err"] < 1e-5, out
+    assert out["step_err"] < 1e-6 and abs(out["loss"][0] - out["loss"][1]) < 1e-6, out
+    assert sum(out["arrays"]) <= 3, out  # the flat gradient, the loss and the metric (combined or not)
+    assert sum(out["arrays_global"]) >= 5, out  # the global program: each of the 3 gradients on its own
+    assert out["draws"] == out["again"], out
+    np.testing.assert_allclose(out["draws"], out["expected"], rtol=1e-5)  # the mean of the devices' own draws
+
+
+def test_per_shard_on_one_device_is_the_plain_gradient():
+    """make_update_fn(shard_mesh=...) on a mesh whose data axis has one device takes the ordinary
+    path (nothing to all-reduce): bit-identical to the default, randomness included."""
+    from jaxcf.train import make_update_fn
+
+    mesh = make_mesh([("data", 1)], devices=jax.devices()[:1])
+
+    def loss(p, b, rng):
+        return jnp.mean((b["x"] * p["w"] + jax.random.normal(rng, b["x"].shape)) ** 2), {}
+
+    tx = optax.sgd(0.1)
+    params, batch = {"w": jnp.arange(3.0)}, {"x": jnp.ones((4, 3))}
+    results = []
+    for shard_mesh in (None, mesh):
+        state, sh = create_train_state(params, tx, 0, mesh)
+        results.append(jit_update(make_update_fn(loss, tx, shard_mesh=shard_mesh), sh, mesh)(state, batch))
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

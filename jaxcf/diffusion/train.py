@@ -1,6 +1,9 @@
 """Training a denoiser (an eps-, v- or x0-predicting network) with :func:`denoising_loss`.
 
-Used by the diffusion pipeline, the toy foundation's pixel UNet and DiDAE's DiffAE decoder.
+Used by the diffusion pipeline, the toy foundation's pixel UNet and DiDAE's DiffAE decoder. The
+loss is a mean over examples, so on several data-parallel devices its gradient is taken per shard
+and summed in one flat all-reduce (:func:`jaxcf.train.per_shard_value_and_grad`: each device draws
+its own timesteps and noise).
 """
 
 from __future__ import annotations
@@ -61,5 +64,6 @@ def train_eps_model(model, schedule, dataset, train_cfg, workdir: str, mesh, con
         key["label_dropout"] = list(label_dropout)
     state = fit(init_params, tx, loss_fn, batch_fn, steps=train_cfg.steps, batch_size=train_cfg.batch_size,
                 workdir=workdir, mesh=mesh, config=config, seed=seed, desc=desc, frozen=frozen,
-                ema_decay=train_cfg.ema_decay, key=key, batch_field="train.batch_size")
+                ema_decay=train_cfg.ema_decay, key=key, batch_field="train.batch_size",
+                per_shard=True)  # the denoising loss is a mean over examples
     return state.ema_params if train_cfg.get("weights", "ema") == "ema" else state.params

@@ -105,7 +105,9 @@ def _chunked(x, kernel):
         yj = _winograd_forward(jax.lax.dynamic_index_in_dim(xs, j, axis=1, keepdims=False), kernel)
         return jax.lax.dynamic_update_index_in_dim(y, yj, j, axis=1)
 
-    y = jax.lax.fori_loop(0, chunks, body, jnp.zeros((n // chunks, chunks, *x.shape[1:3], kernel.shape[-1]), x.dtype))
+    # zeros_like(x): inside jax.shard_map the buffer is device-varying like x, as the loop's carry must be
+    y0 = jnp.zeros_like(x, shape=(n // chunks, chunks, *x.shape[1:3], kernel.shape[-1]))
+    y = jax.lax.fori_loop(0, chunks, body, y0)
     return y.reshape(n, *y.shape[2:])
 
 

@@ -13,10 +13,17 @@ from jaxcf.train.mesh import (
     to_host,
 )
 from jaxcf.train.metrics import MetricWriter, read_metrics
-from jaxcf.train.state import TrainState, create_train_state, jit_update, make_update_fn, warmup_cosine
+from jaxcf.train.state import (
+    TrainState,
+    create_train_state,
+    jit_update,
+    make_update_fn,
+    per_shard_value_and_grad,
+    warmup_cosine,
+)
 
 __all__ = [
     "Checkpointer", "MetricWriter", "NonFiniteLoss", "Preempted", "TrainState", "cast_floating", "check_batch_divisible",
-    "create_train_state", "data_sharding", "jit_update", "make_mesh", "make_update_fn", "param_shardings",
+    "create_train_state", "data_sharding", "jit_update", "make_mesh", "make_update_fn", "param_shardings", "per_shard_value_and_grad",
     "read_metrics", "replicated", "shard_batch", "stream_indices", "to_host", "train_loop", "tree_digest", "warmup_cosine",
 ]

@@ -19,7 +19,7 @@ from jaxcf.train.mesh import check_batch_divisible, param_shardings
 from jaxcf.train.metrics import MetricWriter
 from jaxcf.train.state import TrainState, create_train_state, jit_update, make_update_fn, warmup_cosine
 
-# compiled update steps, keyed by (loss_fn, tx, ema_decay, shardings): runs that train the same
+# compiled update steps, keyed by (loss_fn, tx, ema_decay, per_shard, shardings): runs that train the same
 # loss with the same optimizer (the CFKD fine-tunes) share one compiled program
 _UPDATES: dict = {}
 
@@ -33,8 +33,8 @@ def adam_warmup_cosine(learning_rate: float, warmup_steps: int, steps: int, end_
 
 def fit(init_params: Any, tx: optax.GradientTransformation, loss_fn: Callable, batch_fn: Callable[[int], Any], *,
         steps: int, batch_size: int, workdir: str, mesh, config, seed: int, desc: str, frozen: Any = None,
-        ema_decay: Optional[float] = None, key: Optional[dict] = None, batch_field: str = "batch_size"
-        ) -> TrainState:
+        ema_decay: Optional[float] = None, key: Optional[dict] = None, batch_field: str = "batch_size",
+        per_shard: bool = False) -> TrainState:
     """Trains ``loss_fn(params, batch, rng[, frozen]) -> (loss, metrics)`` for ``steps`` steps.
 
     init_params: ready-made params or a traceable ``rng -> params``. batch_fn(step): this
@@ -43,7 +43,10 @@ def fit(init_params: Any, tx: optax.GradientTransformation, loss_fn: Callable, b
     ema_decay: keep an exponential moving average (``state.ema_params``). key: the settings
     a resumed run must share (see :func:`jaxcf.train.loop.run_key`). ``config`` supplies
     ``checkpoint_every``, ``keep_checkpoints``, ``log_every``, ``tensorboard`` and
-    ``param_sharding``. Resumes from ``workdir/checkpoints``; returns the final state.
+    ``param_sharding``. per_shard: the loss is a mean over examples, so its gradient is taken
+    shard by shard and summed in one flat all-reduce (:func:`jaxcf.train.per_shard_value_and_grad`;
+    faster on a CPU split into devices; each device draws its own randomness). Resumes from
+    ``workdir/checkpoints``; returns the final state.
     """
     check_batch_divisible(batch_size, mesh, f"config.{batch_field}")
     state, shardings = create_train_state(init_params, tx, seed, mesh, ema=ema_decay is not None)
@@ -52,10 +55,10 @@ def fit(init_params: Any, tx: optax.GradientTransformation, loss_fn: Callable, b
         strategy = config.get("param_sharding", "replicated")
         frozen_shardings = param_shardings(jax.eval_shape(lambda: frozen), mesh, strategy)
         frozen = jax.device_put(frozen, frozen_shardings)  # once, not on every step
-    cache_key = (loss_fn, tx, ema_decay, _flat(shardings), _flat(frozen_shardings))
+    cache_key = (loss_fn, tx, ema_decay, per_shard, _flat(shardings), _flat(frozen_shardings))
     if cache_key not in _UPDATES:
-        _UPDATES[cache_key] = jit_update(make_update_fn(loss_fn, tx, ema_decay=ema_decay), shardings, mesh,
-                                         frozen_shardings=frozen_shardings)
+        update = make_update_fn(loss_fn, tx, ema_decay=ema_decay, shard_mesh=mesh if per_shard else None)
+        _UPDATES[cache_key] = jit_update(update, shardings, mesh, frozen_shardings=frozen_shardings)
     ckpt = Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
     writer = MetricWriter(workdir, tensorboard=bool(config.get("tensorboard", False)))
     try:
