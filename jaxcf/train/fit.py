@@ -45,7 +45,8 @@ def fit(init_params: Any, tx: optax.GradientTransformation, loss_fn: Callable, b
     ``checkpoint_every``, ``keep_checkpoints``, ``log_every``, ``tensorboard`` and
     ``param_sharding``. per_shard: the loss is a mean over examples, so its gradient is taken
     shard by shard and summed in one flat all-reduce (:func:`jaxcf.train.per_shard_value_and_grad`;
-    faster on a CPU split into devices; each device draws its own randomness). Resumes from
+    faster on a CPU split into devices; each device draws its own randomness; only with
+    ``param_sharding="replicated"``, else the global program). Resumes from
     ``workdir/checkpoints``; returns the final state.
     """
     check_batch_divisible(batch_size, mesh, f"config.{batch_field}")
@@ -55,6 +56,9 @@ def fit(init_params: Any, tx: optax.GradientTransformation, loss_fn: Callable, b
         strategy = config.get("param_sharding", "replicated")
         frozen_shardings = param_shardings(jax.eval_shape(lambda: frozen), mesh, strategy)
         frozen = jax.device_put(frozen, frozen_shardings)  # once, not on every step
+    # per shard only with replicated params: inside shard_map every device holds them whole, which
+    # would undo param_sharding="fsdp"
+    per_shard = per_shard and config.get("param_sharding", "replicated") == "replicated"
     cache_key = (loss_fn, tx, ema_decay, per_shard, _flat(shardings), _flat(frozen_shardings))
     if cache_key not in _UPDATES:
         update = make_update_fn(loss_fn, tx, ema_decay=ema_decay, shard_mesh=mesh if per_shard else None)
