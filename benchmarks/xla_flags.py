@@ -4,6 +4,8 @@ Each child times the jitted UNet forward (the unit of every DDIM step) and one j
 step (forward + backward + AdamW), reports its compile time, and the largest difference of its
 forward output from the run without flags (a flag that changes numerics shows up here).
 Candidates that look faster are then confirmed with the full benchmarks/ddim.py run.
+Options that XLA also takes per compilation are screened with less noise by
+benchmarks/compile_options.py (every variant in one process, run in alternation).
 
   python benchmarks/xla_flags.py --size=small --batch=8 --out=benchmarks/results/xla_flags_cpu.json
 """
