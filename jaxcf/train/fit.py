@@ -51,14 +51,14 @@ def fit(init_params: Any, tx: optax.GradientTransformation, loss_fn: Callable, b
     """
     check_batch_divisible(batch_size, mesh, f"config.{batch_field}")
     state, shardings = create_train_state(init_params, tx, seed, mesh, ema=ema_decay is not None)
+    strategy = config.get("param_sharding", "replicated")
     frozen_shardings = None
     if frozen is not None:
-        strategy = config.get("param_sharding", "replicated")
         frozen_shardings = param_shardings(jax.eval_shape(lambda: frozen), mesh, strategy)
         frozen = jax.device_put(frozen, frozen_shardings)  # once, not on every step
-    # per shard only with replicated params: inside shard_map every device holds them whole, which
-    # would undo param_sharding="fsdp"
-    per_shard = per_shard and config.get("param_sharding", "replicated") == "replicated"
+    # per shard only with replicated params: inside shard_map every device holds the frozen params
+    # whole, which would undo param_sharding="fsdp"
+    per_shard = per_shard and strategy == "replicated"
     cache_key = (loss_fn, tx, ema_decay, per_shard, _flat(shardings), _flat(frozen_shardings))
     if cache_key not in _UPDATES:
         update = make_update_fn(loss_fn, tx, ema_decay=ema_decay, shard_mesh=mesh if per_shard else None)
