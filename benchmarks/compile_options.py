@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -31,7 +30,7 @@ sys.path.insert(0, HERE)
 
 from common import write_json  # noqa: E402
 from ddim import SIZES  # noqa: E402
-from train import LR, WEIGHT_DECAY  # noqa: E402
+from train import jaxcf_unet_step  # noqa: E402
 
 DEFAULT_VARIANTS = {
     "default": {},
@@ -68,28 +67,12 @@ def main():
 
     cpu_devices.apply(args.cpu_devices)
     import jax
-    import jax.numpy as jnp
-    import optax
-    import torch
-    from diffusers import UNet2DModel
 
-    from jaxcf.diffusion import denoising_loss, make_schedule
-    from jaxcf.models.unet2d import load_unet2d
-    from jaxcf.train import create_train_state, jit_update, make_mesh, make_update_fn, shard_batch
+    from jaxcf.train import create_train_state
 
-    torch.manual_seed(0)  # the same random weights as benchmarks/train.py
-    folder = tempfile.mkdtemp()
-    UNet2DModel(in_channels=3, out_channels=3, **SIZES[args.size]).save_pretrained(folder)
-    model, params = load_unet2d(folder, param_dtype=jnp.float32)
-    res = SIZES[args.size]["sample_size"]
-    x0 = np.random.default_rng(0).uniform(-1, 1, (args.batch, res, res, 3)).astype(np.float32)
-    mesh = make_mesh([("data", -1)])
-    tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
-    batch = shard_batch({"image": x0}, mesh)
-    state, shardings = create_train_state(params, tx, 0, mesh)
-    update = jit_update(make_update_fn(denoising_loss(model, make_schedule("linear")), tx, shard_mesh=mesh),
-                        shardings, mesh)
-    lowered = update.lower(state, batch)
+    j = jaxcf_unet_step(args.size, args.batch)  # the same weights and step as benchmarks/train.py
+    params, tx, mesh, batch = j.params, j.tx, j.mesh, j.batch
+    lowered = j.update.lower(j.state, batch)
 
     compiled, compile_s, param_diff, reference = {}, {}, {}, None
     for name, opts in variants.items():

@@ -93,8 +93,13 @@ def interleaved(runners: dict, steps: int, repeats: int) -> dict:
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def unet_setup(size: str, batch: int, dtype: str, grad: str = "per_shard"):
-    """(jaxcf runner, torch runner, info) for the UNet2DModel comparison."""
+def jaxcf_unet_step(size: str, batch: int, dtype: str = "float32", grad: str = "per_shard"):
+    """The jaxcf side of the UNet2DModel comparison, as a namespace: ``ref`` (diffusers' model with
+    the random weights, on the CPU), ``model``, ``params``, ``schedule``, ``tx``, ``mesh``, ``state``,
+    ``shardings``, ``update`` (the pipelines' jitted step; gradient per data shard or global, ``grad``),
+    ``x0`` (the batch, NumPy) and ``batch`` (placed on the mesh)."""
+    import types
+
     import jax.numpy as jnp
     import optax
     import torch
@@ -109,8 +114,6 @@ def unet_setup(size: str, batch: int, dtype: str, grad: str = "per_shard"):
     ref = UNet2DModel(in_channels=3, out_channels=3, **SIZES[size]).train()
     folder = tempfile.mkdtemp()
     ref.save_pretrained(folder)
-    tdev = "cuda" if torch.cuda.is_available() else "cpu"  # diffusers on the GPU when there is one
-    ref = ref.to(tdev)
     model, params = load_unet2d(folder, dtype=DTYPES[dtype], param_dtype=jnp.float32)
     res = SIZES[size]["sample_size"]
     x0 = np.random.default_rng(0).uniform(-1, 1, (batch, res, res, 3)).astype(np.float32)
@@ -121,10 +124,25 @@ def unet_setup(size: str, batch: int, dtype: str, grad: str = "per_shard"):
     state, shardings = create_train_state(params, tx, 0, mesh)
     shard_mesh = mesh if grad == "per_shard" else None  # per_shard: as train_eps_model trains a denoiser
     update = jit_update(make_update_fn(denoising_loss(model, schedule), tx, shard_mesh=shard_mesh), shardings, mesh)
-    b = shard_batch({"image": x0}, mesh)
+    return types.SimpleNamespace(ref=ref, model=model, params=params, schedule=schedule, tx=tx, mesh=mesh,
+                                 state=state, shardings=shardings, update=update, x0=x0,
+                                 batch=shard_batch({"image": x0}, mesh))
+
+
+def unet_setup(size: str, batch: int, dtype: str, grad: str = "per_shard"):
+    """(jaxcf runner, torch runner, info) for the UNet2DModel comparison."""
+    import torch
+
+    from jaxcf.diffusion import denoising_loss
+    from jaxcf.train import jit_update, make_update_fn
+
+    j = jaxcf_unet_step(size, batch, dtype, grad)
+    tdev = "cuda" if torch.cuda.is_available() else "cpu"  # diffusers on the GPU when there is one
+    ref, schedule, x0, b = j.ref.to(tdev), j.schedule, j.x0, j.batch
     # FLOPs of the global program for either --grad (XLA's cost analysis of the shard_map program
     # counts more: 76 against 66 GFLOP per step)
-    flops = step_cost(jit_update(make_update_fn(denoising_loss(model, schedule), tx), shardings, mesh), state, b)
+    flops = step_cost(jit_update(make_update_fn(denoising_loss(j.model, schedule), j.tx), j.shardings, j.mesh),
+                      j.state, b)
 
     # diffusers: the same objective, t ~ U{0..T-1}, x_t = sqrt(abar) x0 + sqrt(1 - abar) eps
     opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
@@ -153,9 +171,9 @@ def unet_setup(size: str, batch: int, dtype: str, grad: str = "per_shard"):
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    info = {"params": sum(p.numel() for p in ref.parameters()), "resolution": res, "batch": batch,
+    info = {"params": sum(p.numel() for p in ref.parameters()), "resolution": SIZES[size]["sample_size"], "batch": batch,
             "step_gflop": flops / 1e9, "torch_device": tdev, "torch_threads": torch.get_num_threads()}
-    return jax_steps(update, state, b), torch_run, info
+    return jax_steps(j.update, j.state, b), torch_run, info
 
 
 def decoder_setup(batch: int | None, dtype: str, grad: str = "per_shard"):
