@@ -10,7 +10,12 @@ see how far two identically compiled programs drift apart in the same run. Each 
 one step from the same initial state, and the table gives the largest parameter difference from the
 first variant's step (0.0: the option did not change the computation).
 
+``--routes=avx512,avx2`` screens jaxcf's CPU route tables instead (``jaxcf.models.winograd``: which
+convolutions go by Winograd, the kernel gradient, 1x1 convolutions as products): the step is traced
+and compiled once under each table (default compile options), then timed the same way.
+
   python benchmarks/compile_options.py --out=benchmarks/results/compile_options_cpu.json
+  python benchmarks/compile_options.py --routes=avx512,avx2,avx512,avx2 --steps=2 --repeats=10 --out=benchmarks/results/cpu_routes_cpu.json
   python benchmarks/compile_options.py --variants='{"default": {}, "no_ynn": {"xla_cpu_experimental_ynn_fusion_type": ""}}'
 """
 
@@ -53,6 +58,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=5, help="rounds; each runs every variant once")
     ap.add_argument("--variants", default="", help="JSON object {name: {xla option: value}}; the first is the "
                                                    "reference (default: a built-in screen)")
+    ap.add_argument("--routes", default="", help="comma-separated CPU route tables of jaxcf.models.winograd "
+                                                 "(avx512, avx2; repeat one as the drift control) to screen "
+                                                 "instead of compile options")
     ap.add_argument("--cpu_devices", default="auto", help="as benchmarks/train.py")
     ap.add_argument("--out", default="benchmarks/results/compile_options_cpu.json")
     args = ap.parse_args()
@@ -62,23 +70,45 @@ def main():
         ap.error(f"--variants is not JSON: {e}")
     if not isinstance(variants, dict) or not variants or not all(isinstance(v, dict) for v in variants.values()):
         ap.error("--variants must be a non-empty JSON object of {name: {option: value}}")
+    tables = {"avx512": "AVX512_ROUTES", "avx2": "AVX2_ROUTES"}
+    routes = [r.strip() for r in args.routes.split(",") if r.strip()]
+    if any(r not in tables for r in routes):
+        ap.error(f"--routes: each of {sorted(tables)}, got {args.routes!r}")
+    if routes:  # one variant per listed table; a repeated table gets a numbered name
+        variants = {(f"{r} routes" + (f" ({routes[:i].count(r) + 1})" if routes.count(r) > 1 else "")): {"routes": r}
+                    for i, r in enumerate(routes)}
 
     from jaxcf.train import cpu_devices
 
     cpu_devices.apply(args.cpu_devices)
     import jax
 
-    from jaxcf.train import create_train_state
+    from jaxcf.diffusion import denoising_loss
+    from jaxcf.models import winograd
+    from jaxcf.train import create_train_state, jit_update, make_update_fn
 
     j = jaxcf_unet_step(args.size, args.batch)  # the same weights and step as benchmarks/train.py
     params, tx, mesh, batch = j.params, j.tx, j.mesh, j.batch
-    lowered = j.update.lower(j.state, batch)
+    lowered = None if routes else j.update.lower(j.state, batch)
+
+    def lower_under(table: str):
+        """The same step traced afresh (a new jitted function) under one route table."""
+        before, winograd.ROUTES = winograd.ROUTES, getattr(winograd, tables[table])
+        try:
+            update = jit_update(make_update_fn(denoising_loss(j.model, j.schedule), tx, shard_mesh=mesh),
+                                j.shardings, mesh)
+            return update.lower(j.state, batch)
+        finally:
+            winograd.ROUTES = before
 
     compiled, compile_s, param_diff, reference = {}, {}, {}, None
     for name, opts in variants.items():
         t0 = time.perf_counter()
         try:
-            compiled[name] = lowered.compile(compiler_options=opts or None)
+            if routes:
+                compiled[name] = lower_under(opts["routes"]).compile()
+            else:
+                compiled[name] = lowered.compile(compiler_options=opts or None)
         except Exception as e:  # an unknown option or value: name it, keep screening the others
             print(f"{name}: {opts} does not compile: {str(e).splitlines()[0]}")
             continue
@@ -124,6 +154,7 @@ def main():
                      "paired_median_vs_first_s": paired, "times": times[name],
                      "max_param_diff_after_one_step": param_diff[name], "compile_s": compile_s[name]})
     write_json(args.out, {"size": args.size, "batch": args.batch, "steps": args.steps, "repeats": args.repeats,
+                          "routes_of_this_cpu": str(winograd.ROUTES),
                           "device": device, "platform": platform.platform(), "jax": jax.__version__,
                           "rows": rows})
 

@@ -80,10 +80,14 @@ def test_winograd_rejects_odd_sizes():
         winograd.winograd_conv3x3(x, k)
 
 
-def test_route_is_taken_only_where_measured_faster():
+def test_route_is_taken_only_where_measured_faster(monkeypatch):
     applies = lambda xs, ks, **kw: winograd.winograd_applies(  # noqa: E731
         xs, ks, kw.pop("dtype", jnp.float32), kw.pop("strides", (1, 1)), kw.pop("padding", SAME),
         dimension_numbers=kw.pop("dn", NHWC), backend=kw.pop("backend", "cpu"), **kw)
+    monkeypatch.setattr(winograd, "ROUTES", winograd.AVX2_ROUTES)  # from 8 px on
+    assert applies((8, 16, 16, 128), (3, 3, 128, 128)) and applies((8, 8, 8, 256), (3, 3, 256, 128))
+    assert not applies((8, 4, 4, 256), (3, 3, 256, 256))
+    monkeypatch.setattr(winograd, "ROUTES", winograd.AVX512_ROUTES)  # from 32 px on
     assert applies((8, 32, 32, 64), (3, 3, 64, 64))
     assert applies((8, 32, 32, 192), (3, 3, 192, 64))
     assert not applies((8, 32, 32, 64), (3, 3, 64, 64), backend="gpu")
@@ -99,6 +103,83 @@ def test_route_is_taken_only_where_measured_faster():
     with winograd.disabled():
         assert not applies((8, 32, 32, 64), (3, 3, 64, 64))
     assert applies((8, 32, 32, 64), (3, 3, 64, 64))
+
+
+def kernel_grad_f64(x, dy):
+    """dK[i, j] = sum over pixels of x_padded[p + (i, j)] dy[p]^T, in float64."""
+    x = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    dy = np.asarray(dy, np.float64)
+    h, w = dy.shape[1:3]
+    return np.stack([np.stack([np.einsum("bhwc,bhwd->cd", x[:, i:i + h, j:j + w], dy) for j in range(3)])
+                     for i in range(3)])
+
+
+@pytest.mark.parametrize("shape,d,chunk_elements", [((2, 8, 6, 5), 7, None), ((3, 32, 32, 64), 64, None),
+                                                    ((6, 8, 8, 4), 5, 2 * 8 * 8 * 4)])
+def test_winograd_kernel_grad_matches_float64(monkeypatch, shape, d, chunk_elements):
+    """The Winograd-domain kernel gradient (the batch in chunks too) against the direct sum."""
+    if chunk_elements:
+        monkeypatch.setattr(winograd, "CHUNK_ELEMENTS", chunk_elements)
+    x, _ = data(shape, (3, 3, shape[-1], d), 5)
+    dy = np.random.default_rng(6).normal(size=shape[:3] + (d,)).astype(np.float32)
+    assert winograd.batch_chunks(x.shape) == (3 if chunk_elements else 1)
+    ref = kernel_grad_f64(x, dy)
+    got = np.asarray(jax.jit(winograd.winograd_kernel_grad)(x, dy))
+    np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+
+@pytest.mark.parametrize("routes", ["AVX2_ROUTES", "AVX512_ROUTES"])
+def test_gradients_match_xla_under_each_route_table(monkeypatch, routes):
+    """Forward and both gradients of routed 3x3 and 1x1 convolutions (a 16-px and a 32-px layer)
+    equal XLA's convolution and its autodiff, whichever table routes them."""
+    monkeypatch.setattr(winograd, "ROUTES", getattr(winograd, routes))
+    r = np.random.default_rng(7)
+    x = r.normal(size=(2, 16, 16, 64)).astype(np.float32)
+    k3 = (r.normal(size=(3, 3, 64, 64)) / 24).astype(np.float32)
+    k1 = (r.normal(size=(1, 1, 64, 32)) / 8).astype(np.float32)
+    x32 = r.normal(size=(2, 32, 32, 32)).astype(np.float32)
+    k32 = (r.normal(size=(3, 3, 32, 64)) / 17).astype(np.float32)
+
+    def loss(conv):
+        def f(x, k3, k1, x32, k32):
+            h = jnp.tanh(conv(x, k3, SAME))
+            return jnp.sum(jnp.sin(conv(h, k1, ((0, 0), (0, 0))))) + jnp.sum(jnp.sin(conv(x32, k32, SAME)))
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4)))
+
+    ours = lambda x, k, pad: winograd.conv_general_dilated(x, k, (1, 1), pad, dimension_numbers=NHWC)  # noqa: E731
+    ref = lambda x, k, pad: jax.lax.conv_general_dilated(x, k, (1, 1), pad, dimension_numbers=NHWC)  # noqa: E731
+    (v, g), (v_ref, g_ref) = loss(ours)(x, k3, k1, x32, k32), loss(ref)(x, k3, k1, x32, k32)
+    np.testing.assert_allclose(float(v), float(v_ref), rtol=1e-5)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=3e-5 * np.abs(np.asarray(b)).max(), rtol=0)
+
+
+def test_cpu_routes_follow_the_cpu_flags():
+    avx2 = "processor : 0\nflags : fpu sse2 avx avx2 fma\n"
+    avx512 = "processor : 0\nflags : fpu sse2 avx avx2 fma avx512f avx512bw\n"
+    assert winograd.cpu_routes(avx2, "x86_64") == winograd.AVX2_ROUTES
+    assert winograd.cpu_routes(avx512, "x86_64") == winograd.AVX512_ROUTES
+    assert winograd.cpu_routes("", "aarch64") == winograd.AVX512_ROUTES  # unmeasured: the first table
+    assert winograd.cpu_routes("", "x86_64") == winograd.AVX512_ROUTES  # flags unreadable: the same
+
+
+def test_pointwise_route(monkeypatch):
+    """A 1x1 convolution is one matrix product under the AVX2 table, XLA's convolution under the
+    AVX-512 one; same result either way; strided or padded 1x1 convolutions stay XLA's."""
+    x = np.random.default_rng(8).normal(size=(2, 8, 8, 16)).astype(np.float32)
+    layer = conv(24, 1, "c", jnp.float32, jnp.float32)
+    params = layer.init(jax.random.key(0), x)
+    monkeypatch.setattr(winograd, "ROUTES", winograd.AVX2_ROUTES)
+    jaxpr = str(jax.make_jaxpr(layer.apply)(params, x))
+    assert "dot_general" in jaxpr and "conv_general_dilated" not in jaxpr
+    y = np.asarray(layer.apply(params, x))
+    monkeypatch.setattr(winograd, "ROUTES", winograd.AVX512_ROUTES)
+    assert "conv_general_dilated" in str(jax.make_jaxpr(layer.apply)(params, x))
+    np.testing.assert_allclose(y, np.asarray(layer.apply(params, x)), atol=1e-5, rtol=0)
+    pw = lambda **kw: winograd.pointwise_applies((2, 8, 8, 16), (1, 1, 16, 24), kw.pop("strides", (1, 1)),  # noqa: E731
+                                                 kw.pop("padding", ((0, 0), (0, 0))), dimension_numbers=NHWC,
+                                                 backend="cpu", **kw)
+    assert pw() and not pw(strides=(2, 2)) and not pw(padding=((1, 1), (1, 1)))
 
 
 def test_flax_conv_takes_the_route_and_matches_xla():
