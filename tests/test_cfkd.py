@@ -170,4 +170,4 @@ def test_autoencoder_decodes_all_edits_in_one_call():
     x_res = res(enc_params, params, x)
     np.testing.assert_allclose(x_res[0], x, atol=5e-4)  # float32 noise of two decodes of an untrained net
     expect = jnp.clip(x + decode(params, x_T, -z) - decode(params, x_T, z), -1, 1)
-    np.testing.assert_allclose(x_res[1], expect, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(x_res[1], expect, rtol=1e-4, atol=5e-4)  # the same float32 noise as above
