@@ -83,9 +83,8 @@ def main():
     cpu_devices.apply(args.cpu_devices)
     import jax
 
-    from jaxcf.diffusion import denoising_loss
     from jaxcf.models import winograd
-    from jaxcf.train import create_train_state, jit_update, make_update_fn
+    from jaxcf.train import create_train_state
 
     j = jaxcf_unet_step(args.size, args.batch)  # the same weights and step as benchmarks/train.py
     params, tx, mesh, batch = j.params, j.tx, j.mesh, j.batch
@@ -95,9 +94,7 @@ def main():
         """The same step traced afresh (a new jitted function) under one route table."""
         before, winograd.ROUTES = winograd.ROUTES, getattr(winograd, tables[table])
         try:
-            update = jit_update(make_update_fn(denoising_loss(j.model, j.schedule), tx, shard_mesh=mesh),
-                                j.shardings, mesh)
-            return update.lower(j.state, batch)
+            return j.make_update().lower(j.state, batch)
         finally:
             winograd.ROUTES = before
 

@@ -97,6 +97,7 @@ def jaxcf_unet_step(size: str, batch: int, dtype: str = "float32", grad: str = "
     """The jaxcf side of the UNet2DModel comparison, as a namespace: ``ref`` (diffusers' model with
     the random weights, on the CPU), ``model``, ``params``, ``schedule``, ``tx``, ``mesh``, ``state``,
     ``shardings``, ``update`` (the pipelines' jitted step; gradient per data shard or global, ``grad``),
+    ``make_update`` (builds that step afresh: a new jitted function, traced again on first use),
     ``x0`` (the batch, NumPy) and ``batch`` (placed on the mesh)."""
     import types
 
@@ -123,10 +124,13 @@ def jaxcf_unet_step(size: str, batch: int, dtype: str = "float32", grad: str = "
     tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
     state, shardings = create_train_state(params, tx, 0, mesh)
     shard_mesh = mesh if grad == "per_shard" else None  # per_shard: as train_eps_model trains a denoiser
-    update = jit_update(make_update_fn(denoising_loss(model, schedule), tx, shard_mesh=shard_mesh), shardings, mesh)
+
+    def make_update():
+        return jit_update(make_update_fn(denoising_loss(model, schedule), tx, shard_mesh=shard_mesh), shardings, mesh)
+
     return types.SimpleNamespace(ref=ref, model=model, params=params, schedule=schedule, tx=tx, mesh=mesh,
-                                 state=state, shardings=shardings, update=update, x0=x0,
-                                 batch=shard_batch({"image": x0}, mesh))
+                                 state=state, shardings=shardings, update=make_update(), make_update=make_update,
+                                 x0=x0, batch=shard_batch({"image": x0}, mesh))
 
 
 def unet_setup(size: str, batch: int, dtype: str, grad: str = "per_shard"):

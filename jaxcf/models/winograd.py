@@ -270,18 +270,27 @@ def disabled():
         _enabled = before
 
 
+def _plain_cpu_conv(size: int, lhs_shape, rhs_shape, window_strides, padding, lhs_dilation, rhs_dilation,
+                    dimension_numbers, feature_group_count, backend) -> bool:
+    """Is this, on the CPU backend with the routes enabled, an NHWC convolution with a size x size
+    kernel, stride 1, no dilation, one feature group and PyTorch's padding (size - 1) // 2?"""
+    if not _enabled or (backend or jax.default_backend()) != "cpu" or len(lhs_shape) != 4 or dimension_numbers is None:
+        return False
+    if (jax.lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
+            != jax.lax.conv_dimension_numbers(lhs_shape, rhs_shape, _NHWC)):
+        return False
+    ones, pad = (1, 1), (size - 1) // 2
+    return (tuple(rhs_shape[:2]) == (size, size) and tuple(window_strides) == ones and feature_group_count == 1
+            and tuple(lhs_dilation or ones) == ones and tuple(rhs_dilation or ones) == ones
+            and not isinstance(padding, str) and tuple(map(tuple, padding)) == ((pad, pad), (pad, pad)))
+
+
 def winograd_applies(lhs_shape, rhs_shape, dtype, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                      dimension_numbers=None, feature_group_count: int = 1, backend: str | None = None) -> bool:
     """Does :func:`conv_general_dilated` take the Winograd route for this convolution?"""
-    if not _enabled or (backend or jax.default_backend()) != "cpu" or jnp.dtype(dtype) != jnp.float32 or len(lhs_shape) != 4:
-        return False
-    nhwc = jax.lax.conv_dimension_numbers(lhs_shape, rhs_shape, _NHWC)
-    if dimension_numbers is None or jax.lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers) != nhwc:
-        return False
-    ones = (1, 1)
-    if (tuple(rhs_shape[:2]) != (3, 3) or tuple(window_strides) != ones or feature_group_count != 1
-            or tuple(lhs_dilation or ones) != ones or tuple(rhs_dilation or ones) != ones
-            or isinstance(padding, str) or tuple(map(tuple, padding)) != ((1, 1), (1, 1))):
+    if jnp.dtype(dtype) != jnp.float32 or not _plain_cpu_conv(3, lhs_shape, rhs_shape, window_strides, padding,
+                                                               lhs_dilation, rhs_dilation, dimension_numbers,
+                                                               feature_group_count, backend):
         return False
     _, h, w, c = lhs_shape
     return (h % 2 == 0 and w % 2 == 0 and h * w >= ROUTES.min_pixels and c * rhs_shape[-1] >= MIN_CHANNEL_PRODUCT
@@ -293,15 +302,8 @@ def pointwise_applies(lhs_shape, rhs_shape, window_strides, padding, lhs_dilatio
                       backend: str | None = None) -> bool:
     """Is this a 1x1, stride-1, unpadded NHWC convolution on the CPU (one matrix product over the
     channels)? Whether :func:`conv_general_dilated` computes it as one: :attr:`Routes.pointwise_dot`."""
-    if not _enabled or (backend or jax.default_backend()) != "cpu" or len(lhs_shape) != 4 or dimension_numbers is None:
-        return False
-    if (jax.lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
-            != jax.lax.conv_dimension_numbers(lhs_shape, rhs_shape, _NHWC)):
-        return False
-    ones = (1, 1)
-    return (tuple(rhs_shape[:2]) == ones and tuple(window_strides) == ones and feature_group_count == 1
-            and batch_group_count == 1 and tuple(lhs_dilation or ones) == ones and tuple(rhs_dilation or ones) == ones
-            and not isinstance(padding, str) and tuple(map(tuple, padding)) == ((0, 0), (0, 0)))
+    return batch_group_count == 1 and _plain_cpu_conv(1, lhs_shape, rhs_shape, window_strides, padding, lhs_dilation,
+                                                      rhs_dilation, dimension_numbers, feature_group_count, backend)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
