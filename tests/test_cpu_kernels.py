@@ -128,6 +128,13 @@ def test_winograd_kernel_grad_matches_float64(monkeypatch, shape, d, chunk_eleme
     np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
 
 
+def test_winograd_kernel_grad_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="same even H, W"):
+        winograd.winograd_kernel_grad(np.zeros((1, 7, 8, 3), np.float32), np.zeros((1, 7, 8, 4), np.float32))
+    with pytest.raises(ValueError, match="same even H, W"):
+        winograd.winograd_kernel_grad(np.zeros((1, 8, 8, 3), np.float32), np.zeros((2, 8, 8, 4), np.float32))
+
+
 @pytest.mark.parametrize("routes", ["AVX2_ROUTES", "AVX512_ROUTES"])
 def test_gradients_match_xla_under_each_route_table(monkeypatch, routes):
     """Forward and both gradients of routed 3x3 and 1x1 convolutions (a 16-px and a 32-px layer)

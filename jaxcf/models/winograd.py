@@ -180,6 +180,9 @@ def winograd_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
     dU = sum over tiles of V M^T per tile position (16 products [C, tiles] x [tiles, D]), and
     dg = G^T dU G (the transpose of each step of the forward). Batches are taken in the forward's
     chunks (:func:`batch_chunks`), their dU summed in a loop."""
+    if x.ndim != 4 or dy.ndim != 4 or x.shape[:3] != dy.shape[:3] or x.shape[1] % 2 or x.shape[2] % 2:
+        raise ValueError(f"winograd_kernel_grad: needs x [B, H, W, C] and dy [B, H, W, D] with the same even H, W; "
+                         f"got {x.shape} and {dy.shape}")
     n, c, d = x.shape[0], x.shape[-1], dy.shape[-1]
     chunks = batch_chunks(x.shape)
     if chunks == 1:
