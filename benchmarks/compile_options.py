@@ -62,6 +62,7 @@ def main():
                                                  "(avx512, avx2; repeat one as the drift control) to screen "
                                                  "instead of compile options")
     ap.add_argument("--cpu_devices", default="auto", help="as benchmarks/train.py")
+    ap.add_argument("--cpu_malloc", default="auto", choices=["auto", "on", "off"], help="as benchmarks/train.py")
     ap.add_argument("--out", default="benchmarks/results/compile_options_cpu.json")
     args = ap.parse_args()
     try:
@@ -79,7 +80,10 @@ def main():
                     for i, r in enumerate(routes)}
 
     from jaxcf.train import cpu_devices
+    from jaxcf.utils import cpu_malloc
 
+    cpu_malloc.ensure(args.cpu_malloc)  # may restart this command with the tunable (exec), before JAX starts
+    malloc = cpu_malloc.describe()
     cpu_devices.apply(args.cpu_devices)
     import jax
 
@@ -151,7 +155,7 @@ def main():
                      "paired_median_vs_first_s": paired, "times": times[name],
                      "max_param_diff_after_one_step": param_diff[name], "compile_s": compile_s[name]})
     write_json(args.out, {"size": args.size, "batch": args.batch, "steps": args.steps, "repeats": args.repeats,
-                          "routes_of_this_cpu": str(winograd.ROUTES),
+                          "routes_of_this_cpu": str(winograd.ROUTES), "cpu_malloc": malloc,
                           "device": device, "platform": platform.platform(), "jax": jax.__version__,
                           "rows": rows})
 

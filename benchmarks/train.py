@@ -277,6 +277,9 @@ def main():
     ap.add_argument("--cpu_devices", default="auto",
                     help="JAX devices the CPU is split into (jaxcf.train.cpu_devices; auto: as python -m jaxcf.main "
                          "does, 2 on a 2-core machine); jaxcf's steps run data-parallel over them")
+    ap.add_argument("--cpu_malloc", default="auto", choices=["auto", "on", "off"],
+                    help="back XLA:CPU's per-step buffers with transparent huge pages (jaxcf.utils.cpu_malloc; auto: "
+                         "as python -m jaxcf.main does). Process-wide: the diffusers step runs under it too")
     ap.add_argument("--grad", default="per_shard", choices=["per_shard", "global"],
                     help="UNet / decoder gradient: per_shard (as the pipelines train denoisers: per device, one flat "
                          "all-reduce; jaxcf.train.per_shard_value_and_grad) or global (one program XLA partitions)")
@@ -284,7 +287,10 @@ def main():
     args = ap.parse_args()
 
     from jaxcf.train import cpu_devices
+    from jaxcf.utils import cpu_malloc
 
+    cpu_malloc.ensure(args.cpu_malloc)  # may restart this command with the tunable (exec), before JAX starts
+    malloc = cpu_malloc.describe()
     cpu_devices.apply(args.cpu_devices)  # before JAX starts a backend
     import jax
 
@@ -321,7 +327,7 @@ def main():
     out = {"dtype": args.dtype, "steps": args.steps, "repeats": args.repeats, "device": device,
            "backend": jax.default_backend(), "platform": platform.platform(), "jax": jax.__version__,
            "torch": torch.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-           "jax_devices": jax.device_count(), "cpu_devices": args.cpu_devices, "grad": args.grad, "rows": rows}
+           "jax_devices": jax.device_count(), "cpu_devices": args.cpu_devices, "cpu_malloc": malloc, "grad": args.grad, "rows": rows}
     write_json(args.out, out)
 
 

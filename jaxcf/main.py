@@ -27,6 +27,11 @@ _CPU_DEVICES = flags.DEFINE_string(
     "JAX devices the CPU backend is split into, so data parallelism fills the cores: auto (2 on a single-process "
     "run with 2+ cores, unless JAX_NUM_CPU_DEVICES or XLA_FLAGS set it; JAXCF_CPU_DEVICES overrides auto) or "
     "a positive integer. Accelerator runs are unaffected.")
+_CPU_MALLOC = flags.DEFINE_string(
+    "cpu_malloc", "auto",
+    "Back XLA:CPU's per-step buffers with transparent huge pages (the command restarts itself once with "
+    "GLIBC_TUNABLES=glibc.malloc.hugetlb=1; jaxcf.utils.cpu_malloc): auto (on a CPU-only JAX with glibc 2.35+, "
+    "unless MALLOC_* / glibc.malloc settings are given; JAXCF_CPU_MALLOC overrides auto), on or off.")
 _BREAK_LOCK = flags.DEFINE_bool(
     "break_lock", False, "Remove the workdir's lock (jaxcf.lock) of a run that is known to be gone, then run.")
 
@@ -130,7 +135,7 @@ def parse_flags(argv):
         if m:
             die(f"--config.{m.group(1)}={m.group(2)}: not a valid {_field_type(config_arg, m.group(1))} ({m.group(3)})")
         if msg.startswith("Unknown command line flag"):
-            msg += "; jaxcf's flags: --config, --config.FIELD=VALUE, --workdir, --distributed, --cpu_devices, --break_lock"
+            msg += "; jaxcf's flags: --config, --config.FIELD=VALUE, --workdir, --distributed, --cpu_devices, --cpu_malloc, --break_lock"
         die(msg.replace("Unknown command line flag", "unknown flag"))
     except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised by ml_collections on overrides
         for a in argv:
@@ -170,6 +175,14 @@ def main(argv):
     del argv  # checked by parse_flags
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # library INFO logs (Orbax) drown the progress bar
+    from jaxcf.utils import cpu_malloc
+
+    try:  # first: may restart this command (exec) with the tunable, before JAX starts any thread
+        cpu_malloc.plan(_CPU_MALLOC.value)
+        if _ENTRY:
+            cpu_malloc.ensure(_CPU_MALLOC.value)
+    except cpu_malloc.CpuMallocError as e:
+        die(e)
     from jaxcf.utils import compile_cache
 
     compile_cache.enable()  # before the first compilation; JAXCF_COMPILATION_CACHE=off disables it
@@ -207,7 +220,12 @@ def main(argv):
         sys.exit(0)
 
 
+_ENTRY = False  # True when this process was started as the command line (cli), not main() called in-process
+
+
 def cli():
+    global _ENTRY
+    _ENTRY = True
     app.run(main, flags_parser=parse_flags)
 
 

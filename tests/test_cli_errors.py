@@ -40,6 +40,7 @@ CASES = [
     ("batch_on_split_cpu", [f"{DICAP}:test", "--cpu_devices=2", "--config.train.batch_size=7"],
      "config.train.batch_size=7 must be divisible by the 2 devices of the mesh axis 'data' (this CPU is split"),
     ("cpu_devices", [f"{DICAP}:test", "--cpu_devices=0"], "--cpu_devices='0' is not allowed; allowed: auto or a positive integer"),
+    ("cpu_malloc", [f"{DICAP}:test", "--cpu_malloc=yes"], "--cpu_malloc='yes' is not allowed; allowed: auto, on, off"),
     # paths and the workdir
     ("no_workdir", [f"{DICAP}:test", "--workdir="], "--workdir is required"),
     ("workdir_is_a_file", [f"{DICAP}:test", "--workdir={file}"], "is a file; give a folder"),

@@ -174,9 +174,14 @@ def test_preempted_and_killed_runs_resume_to_the_same_parameters(tmp_path):
 
     from jaxcf.train import cpu_devices
 
+    from jaxcf.utils import cpu_malloc
+
     n = cpu_devices.plan("auto", environ=env) or 1
+    # and ran with glibc's huge-page tunable where --cpu_malloc=auto says (the command restarted itself once)
+    malloc = cpu_malloc.TUNABLE if cpu_malloc.plan("auto", environ=env) else "default"
     for run_dir in (tmp_path / "ref", work):
-        assert json.loads((run_dir / "results.json").read_text())["timing"]["devices"] == f"{n} cpu"
+        timing = json.loads((run_dir / "results.json").read_text())["timing"]
+        assert (timing["devices"], timing["cpu_malloc"]) == (f"{n} cpu", malloc)
 
 
 def _interrupt_twice_and_finish(work, args, env):

@@ -103,10 +103,14 @@ def stats() -> dict:
 def timings() -> dict:
     """``compile_seconds`` (XLA compilation, or loading from the cache), ``run_seconds`` (the rest of
     the wall time since :func:`start`), the number of compilations and of cache hits / misses, and the
-    devices the run used (``"2 cpu"``: see :mod:`jaxcf.train.cpu_devices`)."""
+    devices the run used (``"2 cpu"``: see :mod:`jaxcf.train.cpu_devices`) and the malloc tunable
+    (:mod:`jaxcf.utils.cpu_malloc`; "default" without it)."""
+    from jaxcf.utils import cpu_malloc
+
     s = stats()
     wall = time.perf_counter() - _start[0]
     return {"compile_seconds": round(s["compile_seconds"], 2), "run_seconds": round(wall - s["compile_seconds"], 2),
             "compilations": s["compilations"], "cache_hits": s["cache_hits"], "cache_misses": s["cache_misses"],
             "compilation_cache": jax.config.jax_compilation_cache_dir or "off",
-            "devices": f"{jax.device_count()} {jax.default_backend()}"}
+            "devices": f"{jax.device_count()} {jax.default_backend()}",
+            "cpu_malloc": cpu_malloc.describe()}
