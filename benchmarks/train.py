@@ -20,7 +20,10 @@ the first steps are excluded. Prints a table and writes JSON.
 
 ``--cpu_devices`` splits the CPU into JAX devices as ``python -m jaxcf.main`` does (auto: 2 on a
 2-core machine; ``--cpu_devices=1`` measures one device), so jaxcf's steps are data-parallel over
-them; PyTorch uses its own threads either way.
+them; PyTorch uses its own threads either way. ``--cpu_malloc`` restarts the command with glibc's
+huge-page tunable as ``python -m jaxcf.main`` does (auto; jaxcf.utils.cpu_malloc); the whole
+process runs under it, diffusers included. Each row also gives the process's user and system CPU
+seconds and minor page faults per step (medians over its timed blocks).
 
   python benchmarks/train.py --size=small --batch=8 --steps=5 --repeats=3 --out=benchmarks/results/train_cpu.json
 """
@@ -82,14 +85,28 @@ def step_cost(update, state, batch, frozen=()) -> float:
     return float((cost or {}).get("flops", 0.0)) * jax.device_count()
 
 
-def interleaved(runners: dict, steps: int, repeats: int) -> dict:
-    """Median seconds per step of each runner; repeats alternate between the runners."""
+def interleaved(runners: dict, steps: int, repeats: int, usage: dict | None = None) -> dict:
+    """Median seconds per step of each runner; repeats alternate between the runners. ``usage``, when
+    given, receives each runner's medians per step of the process's user and system CPU seconds and
+    minor page faults (``getrusage`` around its timed blocks)."""
+    import resource
+
     for run in runners.values():  # compile / warm up (two steps: the second reuses donated buffers)
         run(2)
     times = {k: [] for k in runners}
+    rusage = {k: [] for k in runners}
     for _ in range(repeats):
         for k, run in runners.items():
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
             times[k].append(run(steps) / steps)
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            rusage[k].append([(r1.ru_utime - r0.ru_utime) / steps, (r1.ru_stime - r0.ru_stime) / steps,
+                              (r1.ru_minflt - r0.ru_minflt) / steps])
+    if usage is not None:
+        for k, v in rusage.items():
+            user, system, faults = np.median(np.array(v), axis=0)
+            usage[k] = {"user_s_per_step": float(user), "system_s_per_step": float(system),
+                        "minor_faults_per_step": float(faults)}
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
@@ -305,7 +322,8 @@ def main():
         runners["decoder_jaxcf"], infos["decoder"] = decoder_setup(args.decoder_batch or None, args.dtype, args.grad)
     if "clip" in only:
         runners["clip_jaxcf"], infos["clip"] = clip_setup(args.clip_batch or None, args.dtype)
-    sec = interleaved(runners, args.steps, args.repeats)
+    usage = {}
+    sec = interleaved(runners, args.steps, args.repeats, usage)
 
     names = {"unet_jaxcf": f"UNet2DModel '{args.size}', jaxcf", "unet_diffusers": f"UNet2DModel '{args.size}', diffusers",
              "decoder_jaxcf": "DiffAE decoder (square_tiny), jaxcf", "clip_jaxcf": "tiny CLIP (DiCap toy), jaxcf"}
@@ -314,16 +332,19 @@ def main():
     device = (f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}), "
               f"torch threads {torch.get_num_threads()}")
     print(f"\nTraining steps, {args.dtype}, {args.steps} steps x {args.repeats} repeats (median) on {device}")
-    print(f"{'model':40s} {'params':>9s} {'batch':>6s} {'s/step':>8s} {'steps/s':>8s} {'GFLOP/s':>8s} {'vs diffusers':>13s}")
+    print(f"{'model':40s} {'params':>9s} {'batch':>6s} {'s/step':>8s} {'steps/s':>8s} {'GFLOP/s':>8s} {'vs diffusers':>13s} "
+          f"{'user s':>7s} {'sys s':>6s} {'faults':>8s}")
     for k, s in sec.items():
         info = infos[k.split("_")[0]]
         ratio = sec["unet_diffusers"] / s if k == "unet_jaxcf" and "unet_diffusers" in sec else None
         gflops = info["step_gflop"] / s if k.endswith("jaxcf") and info["step_gflop"] else None
         print(f"{names[k]:40s} {info['params'] / 1e6:8.2f}M {info['batch']:6d} {s:8.3f} {1 / s:8.2f} "
               f"{gflops if gflops is not None else float('nan'):8.1f} "
-              f"{(f'{ratio:.2f}x' if ratio else ('1.00x' if k == 'unet_diffusers' else '-')):>13s}")
+              f"{(f'{ratio:.2f}x' if ratio else ('1.00x' if k == 'unet_diffusers' else '-')):>13s} "
+              f"{usage[k]['user_s_per_step']:7.3f} {usage[k]['system_s_per_step']:6.3f} "
+              f"{usage[k]['minor_faults_per_step']:8.0f}")
         rows.append({"model": names[k], "key": k, "seconds_per_step": s, "steps_per_s": 1 / s,
-                     "gflop_per_s": gflops, "speedup_vs_diffusers": ratio, **info})
+                     "gflop_per_s": gflops, "speedup_vs_diffusers": ratio, **usage[k], **info})
     out = {"dtype": args.dtype, "steps": args.steps, "repeats": args.repeats, "device": device,
            "backend": jax.default_backend(), "platform": platform.platform(), "jax": jax.__version__,
            "torch": torch.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
