@@ -178,9 +178,7 @@ def main(argv):
     from jaxcf.utils import cpu_malloc
 
     try:  # first: may restart this command (exec) with the tunable, before JAX starts any thread
-        cpu_malloc.plan(_CPU_MALLOC.value)
-        if _ENTRY:
-            cpu_malloc.ensure(_CPU_MALLOC.value)
+        cpu_malloc.ensure(_CPU_MALLOC.value) if _ENTRY else cpu_malloc.plan(_CPU_MALLOC.value)
     except cpu_malloc.CpuMallocError as e:
         die(e)
     from jaxcf.utils import compile_cache

@@ -88,7 +88,6 @@ def test_this_installation_has_no_accelerator_plugin():
 _FAULTS = """
 import json, os, resource, sys
 from jaxcf.utils import cpu_malloc
-pid = os.getpid()
 cpu_malloc.ensure(sys.argv[1])
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x, w: jnp.sum(jnp.sin(x)[::-1] @ w) + jnp.sum(jnp.cos(x)[:, ::-1] @ w))
@@ -100,7 +99,7 @@ r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(4):
     f(x, w).block_until_ready()
 faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 4
-print(json.dumps({"faults": faults, "active": cpu_malloc.active(), "pid": pid, "tunables": os.environ.get("GLIBC_TUNABLES", "")}))
+print(json.dumps({"faults": faults, "active": cpu_malloc.active(), "tunables": os.environ.get("GLIBC_TUNABLES", "")}))
 """
 
 

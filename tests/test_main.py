@@ -173,7 +173,6 @@ def test_preempted_and_killed_runs_resume_to_the_same_parameters(tmp_path):
     import json
 
     from jaxcf.train import cpu_devices
-
     from jaxcf.utils import cpu_malloc
 
     n = cpu_devices.plan("auto", environ=env) or 1

@@ -20,6 +20,8 @@ import time
 
 import jax
 
+from jaxcf.utils import cpu_malloc
+
 ENV = "JAXCF_COMPILATION_CACHE"
 DEFAULT_DIR = os.path.join("~", ".cache", "jaxcf", "xla")
 OFF = ("", "off", "none", "0", "false")
@@ -105,8 +107,6 @@ def timings() -> dict:
     the wall time since :func:`start`), the number of compilations and of cache hits / misses, and the
     devices the run used (``"2 cpu"``: see :mod:`jaxcf.train.cpu_devices`) and the malloc tunable
     (:mod:`jaxcf.utils.cpu_malloc`; "default" without it)."""
-    from jaxcf.utils import cpu_malloc
-
     s = stats()
     wall = time.perf_counter() - _start[0]
     return {"compile_seconds": round(s["compile_seconds"], 2), "run_seconds": round(wall - s["compile_seconds"], 2),

@@ -5,15 +5,15 @@ Each execution of a compiled XLA:CPU program allocates its temporary buffer with
 `small` UNet2DModel's training step: 147 MB per device) and frees it at the end. glibc serves an
 allocation above its mmap threshold (at most 32 MB) with a fresh ``mmap`` and unmaps it at ``free``
 (a thread's own arena cannot hold it: its heaps are at most 64 MB), so every step faults its whole
-temporary buffer in again: on a 2-core CPU about 109,000 minor page faults and 0.26 s of system
-time per 0.85 s step, charged to whichever kernel touches a page first. glibc's tunable
+temporary buffer in again: on a 2-core CPU about 109,000 minor page faults and 0.25 s of system
+time per 0.84-0.85 s step, charged to whichever kernel touches a page first. glibc's tunable
 ``glibc.malloc.hugetlb=1`` (glibc 2.35+) asks the kernel for transparent huge pages for those
-maps (``madvise``): about 850 faults and 0.04 s of system time, 0.68-0.69 s per step (README Speed).
+maps (``madvise``): about 850 faults and 0.04 s of system time, 0.69-0.70 s per step (README Speed).
 
 Tunables are read when a process starts, so :func:`ensure` restarts the entry point's own command
 line (``exec``, same process id) with the tunable added to ``GLIBC_TUNABLES``, before JAX or
 anything else has started. Measured and rejected: keeping the buffers in the heap with
-``mallopt`` (one arena, no mmap): no page faults and 0.72 s per step while the programs came from
+``mallopt`` (one arena, no mmap): no page faults and 0.68-0.77 s per step while the programs came from
 the compilation cache, but after a compilation in the same process ``malloc`` itself took 14% of
 the step's CPU time (LLVM's freed memory fragments the one shared heap) and the step was slower
 than glibc's default.
@@ -161,8 +161,9 @@ def ensure(value: str = "auto") -> bool:
     and the interpreter's command line is this program's own (:func:`own_command_line`), restarts it
     (``exec``, so nothing after this call runs twice and the process id stays) with the tunable added
     to GLIBC_TUNABLES. Call it first thing in an entry point, before JAX or any thread has started.
-    Returns :func:`active`."""
-    if active() or not plan(value) or not own_command_line():
+    Returns :func:`active`. A bad ``value`` raises :class:`CpuMallocError` in either case."""
+    wanted = plan(value)
+    if active() or not wanted or not own_command_line():
         return active()
     env = dict(os.environ, GLIBC_TUNABLES=with_tunable(os.environ.get("GLIBC_TUNABLES", "")))
     sys.stdout.flush()
